@@ -1,0 +1,4 @@
+from bimcv_fetch.cli import main
+
+if __name__ == "__main__":
+    main()
