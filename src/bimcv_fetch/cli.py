@@ -1,0 +1,331 @@
+"""The command line: parses options, calls the core, renders results, maps errors to exits.
+
+The only module that imports click. It never touches sockets or tar members.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from bimcv_fetch import __version__
+from bimcv_fetch.catalog import Selection, load_catalog
+from bimcv_fetch.errors import BimcvError, ConfigError, ExitCode
+from bimcv_fetch.mids import Selector, parse_subjects, parse_subset, subset_label
+from bimcv_fetch.progress import human_bytes, json_line
+from bimcv_fetch.share import DEFAULT_SERVER, PROTOCOLS, Protocol, Share
+from bimcv_fetch.store import Layout
+
+F = TypeVar("F", bound=Callable[..., Any])
+ENV = "BIMCV_FETCH_"
+
+
+# ------------------------------------------------------------------ settings
+
+
+@dataclass
+class Settings:
+    dest: Path
+    out: Path | None
+    server: str
+    token: str | None
+    password: str
+    protocol: Protocol
+    ca_bundle: str | None
+    json: bool
+    quiet: bool
+    verbose: bool
+    release: str | None
+    iterations: str | None
+    timeout: float = 30.0
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.dest, self.out)
+
+    @functools.cached_property
+    def selection(self) -> Selection:
+        return load_catalog().select(iterations=self.iterations, release=self.release)
+
+    def share(self) -> Share:
+        token = self.token or self.selection.release.token
+        verify: bool | str = True
+        if self.ca_bundle:
+            if not Path(self.ca_bundle).is_file():
+                raise ConfigError(f"--ca-bundle {self.ca_bundle}: no such file")
+            verify = self.ca_bundle
+        return Share(
+            server=self.server,
+            token=token,
+            password=self.password,
+            protocol=self.protocol,
+            verify=verify,
+            timeout=self.timeout,
+        )
+
+    def selector(self, subset: str | None, subjects: tuple[str, ...] = ()) -> Selector:
+        sel = self.selection
+        return Selector(
+            subset=parse_subset(subset),
+            subjects=parse_subjects(subjects),
+            release=sel.release,
+            iterations=sel.iterations,
+        )
+
+    # human output: messages to stderr; results to stdout unless --json
+    def note(self, text: str) -> None:
+        if not self.quiet and not self.json:
+            click.echo(text, err=True)
+
+    def event(self, obj: dict[str, Any]) -> None:
+        if self.json:
+            json_line(obj)
+
+
+def common_options(func: F) -> F:
+    """The options every command accepts, after the command name."""
+    options = [
+        click.option("--dest", type=click.Path(path_type=Path), envvar=ENV + "DEST",
+                     default=Path("bimcv-covid19"), show_default=True,
+                     help="Dataset folder: archives/, manifests/, the MIDS tree."),
+        click.option("--server", envvar=ENV + "SERVER", default=DEFAULT_SERVER,
+                     show_default=True, help="Nextcloud server holding the share."),
+        click.option("--token", envvar=ENV + "TOKEN", default=None,
+                     help="Share token (default: the release's, from the catalog)."),
+        click.option("--password", envvar=ENV + "PASSWORD", default="",
+                     help="Share password, if the share has one."),
+        click.option("--protocol", type=click.Choice(PROTOCOLS), envvar=ENV + "PROTOCOL",
+                     default="webdav", show_default=True,
+                     help="webdav (legacy public WebDAV), dav (v2) or https (share link)."),
+        click.option("--ca-bundle", envvar=ENV + "CA_BUNDLE", default=None,
+                     help="CA certificates (PEM) to verify the server with."),
+        click.option("--release", "release", envvar=ENV + "RELEASE", default=None,
+                     help="Release id (posi-1, posi-1-2, posi-1-2-3, neg-1-2)."),
+        click.option("--iter", "iterations", envvar=ENV + "ITER", default=None,
+                     help="Iterations, e.g. 1,2 (picks the release)."),
+        click.option("--json", "json_mode", is_flag=True,
+                     help="JSON lines on stdout, ending with a summary line."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress or notes."),
+        click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors."),
+    ]
+    for opt in reversed(options):
+        func = opt(func)
+
+    @functools.wraps(func)
+    def wrapper(**kw: Any) -> Any:
+        settings = Settings(
+            dest=kw.pop("dest"),
+            out=kw.pop("out", None),
+            server=kw.pop("server"),
+            token=kw.pop("token"),
+            password=kw.pop("password"),
+            protocol=kw.pop("protocol"),
+            ca_bundle=kw.pop("ca_bundle"),
+            json=kw.pop("json_mode"),
+            quiet=kw.pop("quiet"),
+            verbose=kw.pop("verbose"),
+            release=kw.pop("release"),
+            iterations=kw.pop("iterations"),
+        )
+        return func(settings, **kw)
+
+    return wrapper  # type: ignore[return-value]
+
+
+subset_option = click.option(
+    "--subset", default=None, envvar=ENV + "SUBSET",
+    help="Modalities to keep: CT, CR, DX or a list such as CR,DX (default: all).",
+)
+
+
+# ------------------------------------------------------------------ the group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bimcv-fetch")
+def cli() -> None:
+    """Download, verify and unpack the BIMCV-COVID19 chest imaging dataset."""
+
+
+@cli.command("releases")
+@common_options
+def releases_cmd(s: Settings) -> None:
+    """The releases this tool knows (the catalog)."""
+    cat = load_catalog()
+    for rel in cat.releases.values():
+        row = {
+            "release": rel.id,
+            "title": rel.title,
+            "iterations": list(rel.iterations),
+            "default": rel.id == cat.default,
+            "subject_archive": rel.subject_archive,
+            "metadata_archives": list(rel.metadata_archives),
+            "checksum_files": list(rel.checksum_files),
+            "top_folder": rel.top_folder,
+            "doi": rel.doi,
+        }
+        if s.json:
+            json_line({"event": "release", **row})
+        else:
+            mark = " (default)" if row["default"] else ""
+            its = ",".join(map(str, rel.iterations))
+            click.echo(f"{rel.id:<12} iter {its:<6} {rel.title}{mark}")
+    s.event({"event": "summary", "releases": len(cat.releases)})
+
+
+# ------------------------------------------------------------------ list
+
+
+@cli.command("list")
+@common_options
+@subset_option
+@click.option("--offline", is_flag=True, help="Use the cached manifests alone.")
+def list_cmd(s: Settings, subset: str | None, offline: bool) -> None:
+    """The archives of a release: sizes, members, modalities, local state."""
+    from bimcv_fetch.plan import describe
+    from bimcv_fetch.share import new_session
+
+    selector = s.selector(subset)
+    s.note(f"release {s.selection.describe()}")
+    share = None if offline else s.share()
+    index = _load_index(s, share, offline=offline)
+    rows = describe(index, s.layout, selector)
+    shown = [r for r in rows if r.wanted] if selector.subset is not None else rows
+    skipped = [r for r in rows if not r.wanted]
+    for w in index.warnings:
+        s.note(f"warning: {w}")
+    if s.json:
+        for r in shown:
+            json_line({"event": "archive", **r.as_json()})
+    else:
+        _print_table(shown)
+    total_packed = sum(r.packed or 0 for r in shown)
+    saved = sum(r.packed or 0 for r in skipped)
+    summary = {
+        "event": "summary",
+        "release": index.release.id,
+        "iterations": list(s.selection.iterations),
+        "subset": subset_label(selector.subset),
+        "archives": len(shown),
+        "archives_total": len(rows),
+        "packed": total_packed,
+        "unpacked": sum(r.unpacked or 0 for r in shown),
+        "wanted_bytes": sum(r.wanted_bytes or 0 for r in shown),
+        "saved": saved,
+        "states": _count_states(shown),
+    }
+    if s.json:
+        json_line(summary)
+    else:
+        line = f"{len(shown)} archives, {human_bytes(total_packed)} packed"
+        if selector.subset is not None or skipped:
+            line += (
+                f"; subset {summary['subset']} skips {len(skipped)} of {len(rows)} archives,"
+                f" saving {human_bytes(saved)}"
+            )
+        click.echo(line)
+
+
+def _count_states(rows: list[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        out[r.state] = out.get(r.state, 0) + 1
+    return out
+
+
+def _print_table(rows: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col, just in (
+        ("archive", "left"), ("packed", "right"), ("members", "right"), ("CT", "right"),
+        ("CR", "right"), ("DX", "right"), ("unpacked", "right"), ("state", "left"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(
+            r.name,
+            human_bytes(r.packed),
+            "?" if r.members is None else str(r.members),
+            str(r.images.get("CT", 0)),
+            str(r.images.get("CR", 0)),
+            str(r.images.get("DX", 0)),
+            human_bytes(r.unpacked),
+            r.state,
+        )
+    Console(width=max(120, _term_width()), soft_wrap=False).print(table)
+
+
+def _term_width() -> int:
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 120
+
+
+def _load_index(s: Settings, share: Share | None, *, offline: bool = False) -> Any:
+    from bimcv_fetch.index import load_index
+    from bimcv_fetch.share import new_session
+
+    session = None if offline else new_session()
+    try:
+        return load_index(
+            s.selection, s.layout, share=share, session=session, offline=offline,
+            note=s.note,
+        )
+    finally:
+        if session is not None:
+            session.close()
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def _wants_traceback(argv: list[str]) -> bool:
+    return any(a in ("-v", "--verbose") for a in argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = _wants_traceback(args)
+    try:
+        rc = cli.main(args=args, prog_name="bimcv-fetch", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("bimcv-fetch: interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(ExitCode.USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BimcvError as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"bimcv-fetch: error: {exc}", err=True)
+        sys.exit(int(exc.exit_code))
+    except KeyboardInterrupt:
+        click.echo("bimcv-fetch: interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    except OSError as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"bimcv-fetch: error: {exc}", err=True)
+        sys.exit(ExitCode.DISK)
+    except Exception as exc:  # the last line of defence: one line, exit 1
+        if verbose:
+            traceback.print_exc()
+        click.echo(
+            f"bimcv-fetch: unexpected error: {type(exc).__name__}: {exc} (rerun with -v)",
+            err=True,
+        )
+        sys.exit(ExitCode.UNEXPECTED)
+    sys.exit(rc if isinstance(rc, int) else 0)
