@@ -20,7 +20,7 @@ from bimcv_fetch import __version__
 from bimcv_fetch.catalog import Selection, load_catalog
 from bimcv_fetch.errors import BimcvError, ConfigError, ExitCode
 from bimcv_fetch.mids import Selector, parse_subjects, parse_subset, subset_label
-from bimcv_fetch.progress import human_bytes, json_line
+from bimcv_fetch.progress import human_bytes, json_line, make_reporter
 from bimcv_fetch.share import DEFAULT_SERVER, PROTOCOLS, Protocol, Share
 from bimcv_fetch.store import Layout
 
@@ -191,7 +191,6 @@ def releases_cmd(s: Settings) -> None:
 def list_cmd(s: Settings, subset: str | None, offline: bool) -> None:
     """The archives of a release: sizes, members, modalities, local state."""
     from bimcv_fetch.plan import describe
-    from bimcv_fetch.share import new_session
 
     selector = s.selector(subset)
     s.note(f"release {s.selection.describe()}")
@@ -285,6 +284,147 @@ def _load_index(s: Settings, share: Share | None, *, offline: bool = False) -> A
     finally:
         if session is not None:
             session.close()
+
+
+# ------------------------------------------------------------------ download
+
+
+@cli.command("download")
+@common_options
+@subset_option
+@click.option("--archives", "archive_names", multiple=True,
+              help="Only these archives (repeat, or comma-separate).")
+@click.option("--subjects", multiple=True, help="Only these subjects (with --extract).")
+@click.option("-j", "--jobs", type=click.IntRange(1, 32), default=3, show_default=True,
+              envvar=ENV + "JOBS", help="Archives transferred at once.")
+@click.option("--shard", default=None, help="Take the K-th of N stable, size-balanced parts: K/N.")
+@click.option("--limit-rate", default=None, help="Cap the total rate, e.g. 50M (bytes/s).")
+@click.option("--dry-run", is_flag=True, help="Print the plan; move no byte.")
+@click.option("--keep-going", is_flag=True, help="Finish the other archives when one fails.")
+@click.option("--stall-timeout", type=click.FloatRange(0.1), default=60.0, show_default=True,
+              help="Seconds without a byte before a request is dropped and resumed.")
+@click.option("--extract", "do_extract", is_flag=True,
+              help="Extract the wanted members while the bytes land (one pass).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where the MIDS tree goes (default: DEST).")
+def download_cmd(s: Settings, subset: str | None, archive_names: tuple[str, ...],
+                 subjects: tuple[str, ...], jobs: int, shard: str | None,
+                 limit_rate: str | None, dry_run: bool, keep_going: bool,
+                 stall_timeout: float, do_extract: bool, out: Path | None) -> int:
+    """Fetch a release's archives: resumable, parallel, SHA1-checked."""
+    from bimcv_fetch.download import (
+        DownloadOptions,
+        check_space,
+        exit_code,
+        make_plan,
+        run_download,
+    )
+    from bimcv_fetch.plan import parse_shard
+    from bimcv_fetch.share import new_session
+    from bimcv_fetch.transfer import TransferOptions, parse_rate
+
+    s.out = out
+    selector = s.selector(subset, subjects)
+    shard_kn = parse_shard(shard)
+    rate = parse_rate(limit_rate) if limit_rate else None
+    names = [n.strip() for v in archive_names for n in v.split(",") if n.strip()]
+    share = s.share()
+    s.note(f"release {s.selection.describe()}")
+    index = _load_index(s, share)
+    for w in index.warnings:
+        s.note(f"warning: {w}")
+    plan = make_plan(index, s.layout, selector, shard=shard_kn, names=names, extract=do_extract)
+    _show_plan(s, plan, selector, shard)
+    if dry_run:
+        s.event({"event": "summary", "dry_run": True, "archives": len(plan.items),
+                 "to_fetch": plan.to_fetch, "space_needed": plan.space_needed()})
+        return 0
+    check_space(plan, s.layout)
+    options = DownloadOptions(
+        jobs=jobs, keep_going=keep_going, limit_rate=rate,
+        transfer=TransferOptions(stall_timeout=stall_timeout), command="download",
+    )
+    extractor = _extractor_factory(s, selector) if do_extract else None
+    session = new_session(pool_size=max(10, jobs * 2))
+    reporter = make_reporter(json_mode=s.json, quiet=s.quiet)
+    try:
+        with _terminate_as_interrupt():
+            results = run_download(plan, share, session, s.layout, options,
+                                   extractor=extractor, reporter=reporter)
+    finally:
+        _close(reporter)
+        session.close()
+    code = exit_code(results)
+    for r in results:
+        if r.status == "failed":
+            click.echo(f"bimcv-fetch: {r.name}: {r.error}", err=True)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    summary = {"event": "summary", "archives": len(results), "exit_code": code,
+               "bytes": sum(r.bytes for r in results), **counts}
+    if s.json:
+        json_line(summary)
+    else:
+        parts = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        s.note(f"{len(results)} archives: {parts}; {human_bytes(summary['bytes'])} transferred")
+        if code:
+            s.note("rerun the same command to retry what failed; finished archives are kept")
+    return code
+
+
+def _show_plan(s: Settings, plan: Any, selector: Selector, shard: str | None) -> None:
+    for item in plan.items:
+        obj = {"event": "plan", "archive": item.name, "action": item.action,
+               "packed": item.info.packed, "on_disk": item.on_disk, "to_fetch": item.to_fetch}
+        if s.json:
+            json_line(obj)
+        elif not s.quiet:
+            extra = f" ({human_bytes(item.on_disk)} on disk)" if item.on_disk else ""
+            click.echo(f"  {item.action:<8} {item.name}  {human_bytes(item.info.packed)}{extra}",
+                       err=True)
+    skipped = [a for a in plan.skipped]
+    what = f"subset {subset_label(selector.subset)}" + (f", shard {shard}" if shard else "")
+    s.note(
+        f"plan: {len(plan.work)} of {len(plan.items)} archives to do, "
+        f"{human_bytes(plan.to_fetch)} to fetch; {len(skipped)} archives left out ({what}, "
+        f"{human_bytes(sum(a.packed or 0 for a in skipped))})"
+    )
+
+
+def _extractor_factory(s: Settings, selector: Selector) -> Any:
+    from bimcv_fetch.extract import extract_hook_factory
+
+    return extract_hook_factory(s.layout, s.selection.release, selector)
+
+
+def _close(reporter: Any) -> None:
+    close = getattr(reporter, "close", None)
+    if callable(close):
+        close()
+
+
+class _terminate_as_interrupt:
+    """SIGTERM (SLURM's scancel, kill) stops as cleanly as Ctrl-C."""
+
+    def __enter__(self) -> None:
+        import signal
+
+        self._old = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 # ------------------------------------------------------------------ entry point
