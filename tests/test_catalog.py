@@ -22,8 +22,14 @@ def test_catalog_has_the_four_releases() -> None:
 
 @pytest.mark.parametrize(
     ("it", "rid", "iter2only"),
-    [("1,2", "posi-1-2", False), ("1", "posi-1", False), ("1,2,3", "posi-1-2-3", False),
-     ("2", "posi-1-2", True), ("2,1", "posi-1-2", False), (None, "posi-1-2", False)],
+    [
+        ("1,2", "posi-1-2", False),
+        ("1", "posi-1", False),
+        ("1,2,3", "posi-1-2-3", False),
+        ("2", "posi-1-2", True),
+        ("2,1", "posi-1-2", False),
+        (None, "posi-1-2", False),
+    ],
 )
 def test_iter_picks_release(it: str | None, rid: str, iter2only: bool) -> None:
     sel = load_catalog().select(iterations=it)

@@ -41,7 +41,9 @@ def test_listing_formats() -> None:
     by = lst.by_path()
     d = by["covid19_posi/sub-S03044/ses-E06138"]
     assert d.kind is Kind.DIR and d.name.endswith("/")
-    png = by["covid19_posi/sub-S03044/ses-E06138/mod-rx/sub-S03044_ses-E06138_run-1_bp-chest_vp-pa_dx.png"]
+    png = by[
+        "covid19_posi/sub-S03044/ses-E06138/mod-rx/sub-S03044_ses-E06138_run-1_bp-chest_vp-pa_dx.png"
+    ]
     assert png.kind is Kind.FILE and png.size == 1234567
     cr = by["covid19_posi/sub-S04428/ses-E08792/mod-rx/sub-S04428_ses-E08792_run-1_bp-chest_cr.png"]
     assert cr.size == 0  # zero-byte PNG, numeric owner, HH:MM:SS, CRLF
@@ -154,7 +156,9 @@ def test_cli_bad_listing_is_one_line_exit_3(tmp_path: object) -> None:
     (dest / "manifests" / "sha1sums.txt").write_text("this is not a checksum\n")
     r = subprocess.run(
         [sys.executable, "-m", "bimcv_fetch", "list", "--offline", "--dest", str(dest)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 3
     assert "Traceback" not in r.stderr

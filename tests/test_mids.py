@@ -87,4 +87,6 @@ def test_iterations() -> None:
 def test_subjects_filter() -> None:
     sel = Selector(subjects=frozenset({"S03044"}))
     assert sel.wants(TOP + "sub-S03044_ses-E06138_run-1_bp-chest_vp-pa_dx.png")
-    assert not sel.wants("covid19_posi/sub-S09999/ses-E1/mod-rx/sub-S09999_ses-E1_run-1_bp-chest_cr.png")
+    assert not sel.wants(
+        "covid19_posi/sub-S09999/ses-E1/mod-rx/sub-S09999_ses-E1_run-1_bp-chest_cr.png"
+    )

@@ -93,26 +93,67 @@ class Settings:
 def common_options(func: F) -> F:
     """The options every command accepts, after the command name."""
     options = [
-        click.option("--dest", type=click.Path(path_type=Path), envvar=ENV + "DEST",
-                     default=Path("bimcv-covid19"), show_default=True,
-                     help="Dataset folder: archives/, manifests/, the MIDS tree."),
-        click.option("--server", envvar=ENV + "SERVER", default=DEFAULT_SERVER,
-                     show_default=True, help="Nextcloud server holding the share."),
-        click.option("--token", envvar=ENV + "TOKEN", default=None,
-                     help="Share token (default: the release's, from the catalog)."),
-        click.option("--password", envvar=ENV + "PASSWORD", default="",
-                     help="Share password, if the share has one."),
-        click.option("--protocol", type=click.Choice(PROTOCOLS), envvar=ENV + "PROTOCOL",
-                     default="webdav", show_default=True,
-                     help="webdav (legacy public WebDAV), dav (v2) or https (share link)."),
-        click.option("--ca-bundle", envvar=ENV + "CA_BUNDLE", default=None,
-                     help="CA certificates (PEM) to verify the server with."),
-        click.option("--release", "release", envvar=ENV + "RELEASE", default=None,
-                     help="Release id (posi-1, posi-1-2, posi-1-2-3, neg-1-2)."),
-        click.option("--iter", "iterations", envvar=ENV + "ITER", default=None,
-                     help="Iterations, e.g. 1,2 (picks the release)."),
-        click.option("--json", "json_mode", is_flag=True,
-                     help="JSON lines on stdout, ending with a summary line."),
+        click.option(
+            "--dest",
+            type=click.Path(path_type=Path),
+            envvar=ENV + "DEST",
+            default=Path("bimcv-covid19"),
+            show_default=True,
+            help="Dataset folder: archives/, manifests/, the MIDS tree.",
+        ),
+        click.option(
+            "--server",
+            envvar=ENV + "SERVER",
+            default=DEFAULT_SERVER,
+            show_default=True,
+            help="Nextcloud server holding the share.",
+        ),
+        click.option(
+            "--token",
+            envvar=ENV + "TOKEN",
+            default=None,
+            help="Share token (default: the release's, from the catalog).",
+        ),
+        click.option(
+            "--password",
+            envvar=ENV + "PASSWORD",
+            default="",
+            help="Share password, if the share has one.",
+        ),
+        click.option(
+            "--protocol",
+            type=click.Choice(PROTOCOLS),
+            envvar=ENV + "PROTOCOL",
+            default="webdav",
+            show_default=True,
+            help="webdav (legacy public WebDAV), dav (v2) or https (share link).",
+        ),
+        click.option(
+            "--ca-bundle",
+            envvar=ENV + "CA_BUNDLE",
+            default=None,
+            help="CA certificates (PEM) to verify the server with.",
+        ),
+        click.option(
+            "--release",
+            "release",
+            envvar=ENV + "RELEASE",
+            default=None,
+            help="Release id (posi-1, posi-1-2, posi-1-2-3, neg-1-2).",
+        ),
+        click.option(
+            "--iter",
+            "iterations",
+            envvar=ENV + "ITER",
+            default=None,
+            help="Iterations, e.g. 1,2 (picks the release).",
+        ),
+        click.option(
+            "--json",
+            "json_mode",
+            is_flag=True,
+            help="JSON lines on stdout, ending with a summary line.",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress or notes."),
         click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors."),
     ]
@@ -141,7 +182,9 @@ def common_options(func: F) -> F:
 
 
 subset_option = click.option(
-    "--subset", default=None, envvar=ENV + "SUBSET",
+    "--subset",
+    default=None,
+    envvar=ENV + "SUBSET",
     help="Modalities to keep: CT, CR, DX or a list such as CR,DX (default: all).",
 )
 
@@ -246,8 +289,14 @@ def _print_table(rows: list[Any]) -> None:
 
     table = Table(box=None, pad_edge=False)
     for col, just in (
-        ("archive", "left"), ("packed", "right"), ("members", "right"), ("CT", "right"),
-        ("CR", "right"), ("DX", "right"), ("unpacked", "right"), ("state", "left"),
+        ("archive", "left"),
+        ("packed", "right"),
+        ("members", "right"),
+        ("CT", "right"),
+        ("CR", "right"),
+        ("DX", "right"),
+        ("unpacked", "right"),
+        ("state", "left"),
     ):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rows:
@@ -271,19 +320,57 @@ def _term_width() -> int:
         return 120
 
 
-def _load_index(s: Settings, share: Share | None, *, offline: bool = False) -> Any:
+def _load_index(
+    s: Settings, share: Share | None, *, offline: bool = False, with_listings: bool = True
+) -> Any:
     from bimcv_fetch.index import load_index
     from bimcv_fetch.share import new_session
 
     session = None if offline else new_session()
     try:
         return load_index(
-            s.selection, s.layout, share=share, session=session, offline=offline,
+            s.selection,
+            s.layout,
+            share=share,
+            session=session,
+            offline=offline,
+            with_listings=with_listings,
             note=s.note,
         )
     finally:
         if session is not None:
             session.close()
+
+
+# ------------------------------------------------------------------ status
+
+
+@cli.command("status")
+@common_options
+def status_cmd(s: Settings) -> int:
+    """Per archive and in total: missing, partial, downloaded, verified, extracted."""
+    from bimcv_fetch.status import archive_status
+
+    index = None
+    try:
+        index = _load_index(s, None, offline=True, with_listings=False)
+    except BimcvError as exc:
+        s.note(f"note: no usable cached manifests ({exc}); showing what is on disk")
+    rows = archive_status(s.layout, index)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.state] = counts.get(r.state, 0) + 1
+        if s.json:
+            json_line({"event": "archive", **r.as_json()})
+    if not s.json:
+        for r in rows:
+            pct = f" {r.percent:.0f}%" if r.percent is not None else ""
+            sub = f" [{r.subset}]" if r.subset else ""
+            click.echo(f"{r.state:<10} {r.name}{pct}{sub}")
+        total = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "nothing"
+        click.echo(f"{len(rows)} archives: {total}")
+    s.event({"event": "summary", "archives": len(rows), **counts})
+    return 0
 
 
 # ------------------------------------------------------------------ download
@@ -292,25 +379,59 @@ def _load_index(s: Settings, share: Share | None, *, offline: bool = False) -> A
 @cli.command("download")
 @common_options
 @subset_option
-@click.option("--archives", "archive_names", multiple=True,
-              help="Only these archives (repeat, or comma-separate).")
+@click.option(
+    "--archives",
+    "archive_names",
+    multiple=True,
+    help="Only these archives (repeat, or comma-separate).",
+)
 @click.option("--subjects", multiple=True, help="Only these subjects (with --extract).")
-@click.option("-j", "--jobs", type=click.IntRange(1, 32), default=3, show_default=True,
-              envvar=ENV + "JOBS", help="Archives transferred at once.")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(1, 32),
+    default=3,
+    show_default=True,
+    envvar=ENV + "JOBS",
+    help="Archives transferred at once.",
+)
 @click.option("--shard", default=None, help="Take the K-th of N stable, size-balanced parts: K/N.")
 @click.option("--limit-rate", default=None, help="Cap the total rate, e.g. 50M (bytes/s).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; move no byte.")
 @click.option("--keep-going", is_flag=True, help="Finish the other archives when one fails.")
-@click.option("--stall-timeout", type=click.FloatRange(0.1), default=60.0, show_default=True,
-              help="Seconds without a byte before a request is dropped and resumed.")
-@click.option("--extract", "do_extract", is_flag=True,
-              help="Extract the wanted members while the bytes land (one pass).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Where the MIDS tree goes (default: DEST).")
-def download_cmd(s: Settings, subset: str | None, archive_names: tuple[str, ...],
-                 subjects: tuple[str, ...], jobs: int, shard: str | None,
-                 limit_rate: str | None, dry_run: bool, keep_going: bool,
-                 stall_timeout: float, do_extract: bool, out: Path | None) -> int:
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds without a byte before a request is dropped and resumed.",
+)
+@click.option(
+    "--extract",
+    "do_extract",
+    is_flag=True,
+    help="Extract the wanted members while the bytes land (one pass).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the MIDS tree goes (default: DEST).",
+)
+def download_cmd(
+    s: Settings,
+    subset: str | None,
+    archive_names: tuple[str, ...],
+    subjects: tuple[str, ...],
+    jobs: int,
+    shard: str | None,
+    limit_rate: str | None,
+    dry_run: bool,
+    keep_going: bool,
+    stall_timeout: float,
+    do_extract: bool,
+    out: Path | None,
+) -> int:
     """Fetch a release's archives: resumable, parallel, SHA1-checked."""
     from bimcv_fetch.download import (
         DownloadOptions,
@@ -336,21 +457,32 @@ def download_cmd(s: Settings, subset: str | None, archive_names: tuple[str, ...]
     plan = make_plan(index, s.layout, selector, shard=shard_kn, names=names, extract=do_extract)
     _show_plan(s, plan, selector, shard)
     if dry_run:
-        s.event({"event": "summary", "dry_run": True, "archives": len(plan.items),
-                 "to_fetch": plan.to_fetch, "space_needed": plan.space_needed()})
+        s.event(
+            {
+                "event": "summary",
+                "dry_run": True,
+                "archives": len(plan.items),
+                "to_fetch": plan.to_fetch,
+                "space_needed": plan.space_needed(),
+            }
+        )
         return 0
     check_space(plan, s.layout)
     options = DownloadOptions(
-        jobs=jobs, keep_going=keep_going, limit_rate=rate,
-        transfer=TransferOptions(stall_timeout=stall_timeout), command="download",
+        jobs=jobs,
+        keep_going=keep_going,
+        limit_rate=rate,
+        transfer=TransferOptions(stall_timeout=stall_timeout),
+        command="download",
     )
     extractor = _extractor_factory(s, selector) if do_extract else None
     session = new_session(pool_size=max(10, jobs * 2))
     reporter = make_reporter(json_mode=s.json, quiet=s.quiet)
     try:
         with _terminate_as_interrupt():
-            results = run_download(plan, share, session, s.layout, options,
-                                   extractor=extractor, reporter=reporter)
+            results = run_download(
+                plan, share, session, s.layout, options, extractor=extractor, reporter=reporter
+            )
     finally:
         _close(reporter)
         session.close()
@@ -361,8 +493,13 @@ def download_cmd(s: Settings, subset: str | None, archive_names: tuple[str, ...]
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    summary = {"event": "summary", "archives": len(results), "exit_code": code,
-               "bytes": sum(r.bytes for r in results), **counts}
+    summary = {
+        "event": "summary",
+        "archives": len(results),
+        "exit_code": code,
+        "bytes": sum(r.bytes for r in results),
+        **counts,
+    }
     if s.json:
         json_line(summary)
     else:
@@ -375,14 +512,21 @@ def download_cmd(s: Settings, subset: str | None, archive_names: tuple[str, ...]
 
 def _show_plan(s: Settings, plan: Any, selector: Selector, shard: str | None) -> None:
     for item in plan.items:
-        obj = {"event": "plan", "archive": item.name, "action": item.action,
-               "packed": item.info.packed, "on_disk": item.on_disk, "to_fetch": item.to_fetch}
+        obj = {
+            "event": "plan",
+            "archive": item.name,
+            "action": item.action,
+            "packed": item.info.packed,
+            "on_disk": item.on_disk,
+            "to_fetch": item.to_fetch,
+        }
         if s.json:
             json_line(obj)
         elif not s.quiet:
             extra = f" ({human_bytes(item.on_disk)} on disk)" if item.on_disk else ""
-            click.echo(f"  {item.action:<8} {item.name}  {human_bytes(item.info.packed)}{extra}",
-                       err=True)
+            click.echo(
+                f"  {item.action:<8} {item.name}  {human_bytes(item.info.packed)}{extra}", err=True
+            )
     skipped = [a for a in plan.skipped]
     what = f"subset {subset_label(selector.subset)}" + (f", shard {shard}" if shard else "")
     s.note(

@@ -276,7 +276,9 @@ def _one(
     if item.action == "verify":
         path = layout.archive(info.name)
         report(Event("start", info.name, total=path.stat().st_size, data={"verb": "verify"}))
-        actual = sha1_file(str(path), progress=lambda n: report(Event("advance", info.name, done=n)))
+        actual = sha1_file(
+            str(path), progress=lambda n: report(Event("advance", info.name, done=n))
+        )
         if info.sha1 is not None and actual == info.sha1:
             write_verified(layout, info.name, actual)
             report(Event("finish", info.name, data={"status": "verified", "sha1": actual}))

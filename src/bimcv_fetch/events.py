@@ -38,7 +38,7 @@ class Event:
 Reporter = Callable[[Event], None]
 
 
-def null_reporter(event: Event) -> None:  # noqa: ARG001 - the do-nothing reporter
+def null_reporter(event: Event) -> None:
     return None
 
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import requests
 
 from bimcv_fetch.catalog import Release, Selection
-from bimcv_fetch.errors import ChecksumError, ConfigError, ManifestError, NetworkError
+from bimcv_fetch.errors import ChecksumError, ConfigError, NetworkError
 from bimcv_fetch.manifest import (
     Checksums,
     Listing,
@@ -122,7 +122,7 @@ def _remote_from_json(raw: object) -> dict[str, RemoteFile]:
     return out
 
 
-def _parse_text(data: bytes, source: str) -> str:
+def _parse_text(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -141,7 +141,8 @@ def load_index(
     note: Callable[[str], None] | None = None,
 ) -> ReleaseIndex:
     """Build the release index from the share (or, offline, from the cache alone)."""
-    layout.ensure()
+    if not offline:
+        layout.ensure()
     say = note or (lambda _text: None)
     cache_path = layout.manifest(SHARE_CACHE)
     cached = read_json(cache_path)
@@ -159,8 +160,11 @@ def load_index(
         remote = {rf.name: rf for rf in list_share(share, session) if not rf.is_dir}
         atomic_write_json(
             cache_path,
-            {"release": selection.release.id, "fetched": time.time(),
-             "files": _remote_to_json(remote)},
+            {
+                "release": selection.release.id,
+                "fetched": time.time(),
+                "files": _remote_to_json(remote),
+            },
         )
 
     # ---- checksums: the authority; refetched when the share's ETag changed
@@ -183,7 +187,7 @@ def load_index(
             assert share is not None and session is not None
             say(f"fetching {name}")
             atomic_write_bytes(path, _get_small(share, session, name))
-        parts.append(parse_sha1sums(_parse_text(path.read_bytes(), name), name))
+        parts.append(parse_sha1sums(_parse_text(path.read_bytes()), name))
     checksums = merge_checksums(parts)
     index = ReleaseIndex(selection, remote, checksums)
     if with_listings:
@@ -233,7 +237,7 @@ def _load_listings(
             if expected and actual != expected:
                 raise ChecksumError(lname, expected, actual)
             atomic_write_bytes(path, data)
-        return archive, parse_listing(_parse_text(data, lname), lname)
+        return archive, parse_listing(_parse_text(data), lname)
 
     if todo and not offline:
         missing = sum(1 for _a, ln in todo if not layout.manifest(ln).exists())
@@ -245,6 +249,3 @@ def _load_listings(
     for archive in index.archives:
         if index.sha1(archive) is None:
             index.warnings.append(f"{archive}: no published SHA1; it cannot be verified")
-
-
-__all__ = ["ManifestError", "ReleaseIndex", "load_index"]

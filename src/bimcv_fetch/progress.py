@@ -54,8 +54,12 @@ class JsonReporter:
                     return
                 self._last[e.name] = now
                 json_line(
-                    {"event": "progress", "name": e.name, "done": self._done[e.name],
-                     "total": self._total.get(e.name)},
+                    {
+                        "event": "progress",
+                        "name": e.name,
+                        "done": self._done[e.name],
+                        "total": self._total.get(e.name),
+                    },
                     self.stream,
                 )
                 return
@@ -206,8 +210,13 @@ class TqdmReporter:
         with self._lock:
             if e.kind == "start":
                 self._bars[e.name] = self._tqdm(
-                    total=e.total, initial=e.done, unit="B", unit_scale=True,
-                    unit_divisor=1024, desc=e.name, leave=False,
+                    total=e.total,
+                    initial=e.done,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=e.name,
+                    leave=False,
                 )
             elif e.kind == "advance" and e.name in self._bars:
                 self._bars[e.name].update(e.done)

@@ -1,13 +1,13 @@
 """The dataset folder on disk: layout, partial-file state, locks, stamps, receipts.
 
-    <dest>/archives/NAME                 finished archives, under their server names
-    <dest>/archives/NAME.part            bytes in flight
-    <dest>/archives/NAME.part.state      JSON: url, size, etag, sha1 (beside the .part)
-    <dest>/manifests/                    sha1sums*.txt, *.tar-tvf.txt, share.json (cached)
-    <dest>/<top folder>/…                the extracted MIDS tree (or under --out)
-    <dest>/.bimcv-fetch/locks/NAME.lock  one per archive being written (exclusive create)
-    <dest>/.bimcv-fetch/verified/NAME.json   proof an archive's SHA1 was checked
-    <dest>/.bimcv-fetch/receipts/NAME.json   what extraction wrote from an archive
+<dest>/archives/NAME                 finished archives, under their server names
+<dest>/archives/NAME.part            bytes in flight
+<dest>/archives/NAME.part.state      JSON: url, size, etag, sha1 (beside the .part)
+<dest>/manifests/                    sha1sums*.txt, *.tar-tvf.txt, share.json (cached)
+<dest>/<top folder>/…                the extracted MIDS tree (or under --out)
+<dest>/.bimcv-fetch/locks/NAME.lock  one per archive being written (exclusive create)
+<dest>/.bimcv-fetch/verified/NAME.json   proof an archive's SHA1 was checked
+<dest>/.bimcv-fetch/receipts/NAME.json   what extraction wrote from an archive
 """
 
 from __future__ import annotations
@@ -219,7 +219,9 @@ def _read_lock(path: Path) -> LockInfo | None:
     if not isinstance(raw, dict):
         return None
     try:
-        return LockInfo(int(raw["pid"]), str(raw["host"]), float(raw["since"]), raw.get("command", ""))
+        return LockInfo(
+            int(raw["pid"]), str(raw["host"]), float(raw["since"]), raw.get("command", "")
+        )
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -257,8 +259,12 @@ class FileLock:
     def acquire(self) -> None:
         mkdirs(self.path.parent)
         payload = json.dumps(
-            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-             "command": self.command}
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.time(),
+                "command": self.command,
+            }
         ).encode()
         for _ in range(3):
             try:
