@@ -164,7 +164,7 @@ def common_options(func: F) -> F:
     def wrapper(**kw: Any) -> Any:
         settings = Settings(
             dest=kw.pop("dest"),
-            out=kw.pop("out", None),
+            out=None,
             server=kw.pop("server"),
             token=kw.pop("token"),
             password=kw.pop("password"),
