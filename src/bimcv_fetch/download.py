@@ -33,7 +33,7 @@ from bimcv_fetch.store import Layout, archive_lock, free_space, is_verified, wri
 from bimcv_fetch.stream import Consumer, sha1_file
 from bimcv_fetch.transfer import TransferOptions, fetch_file
 
-SPACE_MARGIN = 64 << 20  # keep this much free beyond the plan
+SPACE_MARGIN = 16 << 20  # keep this much free beyond the plan
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def run_download(
     cancel = cancel or threading.Event()
     limiter = RateLimiter(options.limit_rate) if options.limit_rate else None
     work = plan.work
-    report(Event("plan", total=plan.to_fetch, data={"files": len(work)}))
+    report(Event("overall", total=plan.to_fetch, data={"files": len(work)}))
     results: dict[str, ArchiveResult] = {
         i.name: ArchiveResult(i.name, "have") for i in plan.items if i.action == "have"
     }

@@ -18,7 +18,7 @@ class Event:
     """``kind`` names what happened; ``name`` the archive or file it concerns.
 
     Kinds used by the core:
-      plan       total=bytes planned, data["files"]=count
+      overall    total=bytes to transfer in all, data["files"]=count
       start      name, total=expected size, done=bytes already on disk
       advance    name, done=bytes added since the last advance
       retry      name, data["reason"], data["delay"]

@@ -159,7 +159,7 @@ class RichReporter:
 
     def __call__(self, e: Event) -> None:
         with self._lock:
-            if e.kind == "plan":
+            if e.kind == "overall":
                 self._ensure()
                 self._overall = self.progress.add_task("[bold]total", total=e.total or None)
             elif e.kind == "start":
