@@ -7,6 +7,7 @@ import email.utils
 import hashlib
 import http.client
 import io
+import logging
 import threading
 import time
 import zipfile
@@ -450,3 +451,12 @@ def test_request_log(client: Any, share_server: ShareServer, sample_release: Sam
     assert len(share_server.requests.for_file(name, method=None)) == 3
     method, path, rng, status = log[1]
     assert (method, rng, status) == ("GET", None, 200) and path.endswith(name)
+
+
+def test_debug_log_masks_the_token(
+    client: Any, sample_release: SampleRelease, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bimcv_fetch.server")
+    assert client.get("LICENSE.md", "v2").status_code == 200
+    assert "<token>" in caplog.text
+    assert sample_release.token not in caplog.text

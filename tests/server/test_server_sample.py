@@ -295,6 +295,12 @@ def test_other_releases(tmp_path: Path, release: str, checksums: tuple[str, str]
     for archive in s.archives:
         for m in s.members[archive]:
             assert m.name.startswith(rel.top_folder + "/")
+    for archive in s.archives:
+        stem = archive.removesuffix(".tgz").removesuffix(".tar.gz")
+        suffix = ".tgz" if release == "posi-1" else ".tar.gz"
+        assert archive.endswith(suffix)
+        expected = stem if release == "posi-1" else archive
+        assert s.listings[archive] == expected + ".tar-tvf.txt"
     participants = [
         a for a in s.archives if f"{rel.top_folder}/participants.tsv" in s.member_paths(a)
     ]

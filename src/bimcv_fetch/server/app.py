@@ -378,7 +378,9 @@ class ShareApp:
 
         def start(status: str, headers: Headers) -> Callable[[bytes], object]:
             self.requests.add(RequestRecord(method, logged, rng, int(status[:3])))
-            log.debug("%s %s %s -> %s", method, logged.replace(self.token, "<token>"), rng, status)
+            if log.isEnabledFor(logging.DEBUG):
+                shown = logged.replace(self.token, "<token>") if self.token else logged
+                log.debug("%s %s %s -> %s", method, shown, rng, status)
             return start_response(status, headers)
 
         if path == LEGACY_ROOT or path.startswith(LEGACY_ROOT + "/"):

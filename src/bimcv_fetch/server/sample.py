@@ -19,10 +19,11 @@ of the real data: a zero-byte PNG, an image without a sidecar, a lateral without
 behind PNG / gzip magic; about 52% of the image bytes are CT.
 
 Output is byte-identical for the same arguments (fixed tar and gzip mtimes, fixed
-owner ``bimcv/bimcv`` uid/gid 1000, seeded payloads). Archives are streamed to
-disk, never held in memory, so ``size_scale`` can make GB-sized archives: at
-``size_scale=1`` one subject weighs about 30 KB, so a single 2-subject archive at
-``size_scale=30_000`` is about 2 GB.
+owner ``bimcv/bimcv`` uid/gid 1000, seeded payloads; see ``fast`` for the gzip
+encoder). Archives are streamed to disk, never held in memory, so ``size_scale``
+can make GB-sized archives: at ``size_scale=1`` the default release weighs about
+230 KB (20-60 KB per subject); ``archives=1, subjects_per_archive=2,
+size_scale=18_200`` makes one archive of about 2 GB.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bimcv_fetch.catalog import Release, load_catalog
+from bimcv_fetch.manifest import listing_names
 
 __all__ = [
     "GROUP",
@@ -59,6 +61,7 @@ OWNER = "bimcv"
 GROUP = "bimcv"
 _UID = _GID = 1000
 _COPY_CHUNK = 1 << 20
+_AUTO_FAST_BYTES = 256 << 20
 _CT_SHARE = 0.52  # CT part of the image bytes, as in the real positive release
 _LICENSE_TEXT = """\
 # Synthetic BIMCV-COVID19 sample
@@ -93,7 +96,8 @@ class SampleRelease:
     """What :func:`build_sample` wrote. Every name is a file name inside ``root``.
 
     - ``subject_archives`` / ``metadata_archives``: archive names, in share order.
-    - ``listings``: archive name → its ``.tar-tvf.txt`` listing file name.
+    - ``listings``: archive name → its listing file name: ``<archive>.tar-tvf.txt``,
+      or ``<stem>.tar-tvf.txt`` for ``.tgz`` archives (as on the iteration-1 share).
     - ``checksum_files``: ``(text-mode file, binary-mode file)``; the first covers
       the archives and ``LICENSE.md``, the second the listings and ``LICENSE.md``.
     - ``files``: every file in ``root`` (sorted); ``sha1`` and ``sizes`` cover them all.
@@ -521,6 +525,14 @@ def _write_archive(
     return members, hashing.sha1.hexdigest(), hashing.size, listing
 
 
+def _have_isal() -> bool:
+    try:
+        from isal import igzip  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _tsv(rows: list[list[str]]) -> bytes:
     return "".join("\t".join(r) + "\n" for r in rows).encode()
 
@@ -533,14 +545,19 @@ def build_sample(
     subjects_per_archive: int = 2,
     seed: int = 0,
     size_scale: float = 1.0,
-    fast: bool = False,
+    fast: bool | None = None,
 ) -> SampleRelease:
     """Write a miniature release into ``dest`` (created if needed) and describe it.
 
     ``archives`` subject shards of ``subjects_per_archive`` subjects each;
-    ``size_scale`` multiplies every image size. ``fast=True`` compresses with
-    isal's igzip (needs the ``fast`` extra; several times faster for GB-sized
-    samples, but the archive bytes then depend on the isal version).
+    ``size_scale`` multiplies every image size.
+
+    ``fast`` picks the gzip encoder: ``False`` is zlib level 1 (portable: the same
+    arguments give the same bytes everywhere); ``True`` is isal's igzip level 1
+    (the ``fast`` extra; about 4 times faster, bytes depend on the isal version);
+    ``None`` (default) uses igzip when it is installed and the sample holds more
+    than 256 MiB, zlib otherwise. Either way the same arguments on the same
+    installation give byte-identical files.
     """
     if archives < 1 or subjects_per_archive < 1:
         raise ValueError("archives and subjects_per_archive must be at least 1")
@@ -684,11 +701,16 @@ def build_sample(
     sizes: dict[str, int] = {}
     members: dict[str, tuple[SampleMember, ...]] = {}
     listings: dict[str, str] = {}
-    for name, plan in [*plans.items(), *((n, meta_plans[n]) for n in meta_names)]:
+    todo = [*plans.items(), *((n, meta_plans[n]) for n in meta_names)]
+    if fast is None:
+        planned_bytes = sum(e.size for _name, plan in todo for e in plan.entries)
+        fast = planned_bytes > _AUTO_FAST_BYTES and _have_isal()
+    for name, plan in todo:
         mem, digest, size, listing = _write_archive(dest / name, plan.entries, seed, fast=fast)
         members[name] = tuple(mem)
         sha1[name], sizes[name] = digest, size
-        listing_name = name + ".tar-tvf.txt"
+        # The iteration-1 share (.tgz) names listings without the archive suffix.
+        listing_name = listing_names(name)[-1 if name.endswith(".tgz") else 0]
         data = listing.encode()
         (dest / listing_name).write_bytes(data)
         listings[name] = listing_name
