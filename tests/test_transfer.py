@@ -138,6 +138,17 @@ def assert_done(layout: Layout, data: bytes, name: str = NAME) -> None:
     assert not layout.part_state(name).exists()
 
 
+def assert_progress_adds_up(events: Collector) -> None:
+    """One start; advances (negative after a restart from zero) end at the size."""
+    (start,) = events.of("start")
+    done = start.done
+    for e in events.events:
+        if e.kind == "advance":
+            done += e.done
+            assert 0 <= done <= SIZE
+    assert done == SIZE
+
+
 def partial_run(server: ShareServer, layout: Layout, sha1: str, after: int) -> int:
     """A first run that dies after ``after`` bytes: returns the .part size it left."""
     server.faults.add(NAME, Fault.drop(after=after))
@@ -165,7 +176,7 @@ def test_plain_download(
     assert gets(server) == [(None, 200)]
     (start,) = events.of("start")
     assert (start.total, start.done) == (SIZE, 0)
-    assert sum(e.done for e in events.of("advance")) == SIZE
+    assert_progress_adds_up(events)
     (finish,) = events.of("finish")
     assert finish.data == {"status": "ok", "sha1": sha1}
 
@@ -329,11 +340,13 @@ def test_200_on_range_restarts_from_zero(
 ) -> None:
     server.faults.add(NAME, Fault.drop(after=1_500_000)).add(NAME, "ignore_range")
     rec = Recorder()
-    result = fetch(server, layout, sha1=sha1, consumers=[rec])
+    events = Collector()
+    result = fetch(server, layout, sha1=sha1, consumers=[rec], reporter=events)
     assert_done(layout, data)
     assert gets(server) == [(None, 200), ("bytes=1500000-", 200)]
     assert result.restarts == 1
     assert rec.resets == 1 and bytes(rec.buf) == data
+    assert_progress_adds_up(events)
 
 
 def test_206_at_wrong_start_is_never_appended(
@@ -361,6 +374,7 @@ def test_flipped_byte_is_retried_once_from_zero(
     assert result.restarts == 1 and result.bytes_transferred == 2 * SIZE
     assert rec.resets == 1 and bytes(rec.buf) == data and rec.finished == 1
     assert "SHA1 mismatch" in events.of("retry")[0].data["reason"]
+    assert_progress_adds_up(events)
 
 
 def test_flipped_twice_raises_and_leaves_nothing(
@@ -433,6 +447,7 @@ def test_resume_from_partial_part(
     assert 1_500_000 + result.bytes_transferred - SIZE <= CHUNK  # re-fetched at most a chunk
     assert bytes(rec.buf) == data and rec.resets == 0
     assert events.of("start")[0].done == have
+    assert_progress_adds_up(events)
 
 
 def test_state_mismatch_starts_again(
@@ -456,11 +471,15 @@ def test_changed_etag_between_runs_restarts(
     server.requests.clear()
     server.faults.add(NAME, "change_etag")  # If-Range no longer matches: the server sends 200
     rec = Recorder()
-    result = fetch(server, layout, sha1=sha1, consumers=[rec])
+    events = Collector()
+    result = fetch(server, layout, sha1=sha1, consumers=[rec], reporter=events)
     assert_done(layout, data)
     assert gets(server) == [(f"bytes={have}-", 200)]
     assert result.restarts == 1 and result.resumed_from == 0
     assert rec.resets == 1 and bytes(rec.buf) == data
+    assert_progress_adds_up(events)
+    new = PartState.load(layout.part_state(NAME))
+    assert new is None  # gone with the finished file
 
 
 def test_changed_listing_etag_restarts_without_range(
@@ -497,6 +516,21 @@ def test_complete_but_corrupt_part_is_fetched_again(
     assert_done(layout, data)
     assert gets(server) == [(f"bytes={SIZE}-", 416), (None, 200)]
     assert result.restarts == 1
+
+
+def test_416_on_a_too_long_part_restarts(
+    server: ShareServer, layout: Layout, data: bytes, sha1: str
+) -> None:
+    # A state that never learned the size, and more bytes than the file has.
+    share = Share(server.url, TOKEN)
+    layout.archives.mkdir(parents=True)
+    layout.part(NAME).write_bytes(b"\x00" * (SIZE + 100))
+    PartState(share.redact(share.file_url(NAME)), -1, None, sha1).save(layout.part_state(NAME))
+    rec = Recorder()
+    result = fetch(server, layout, sha1=sha1, size=None, consumers=[rec])
+    assert_done(layout, data)
+    assert gets(server) == [(f"bytes={SIZE + 100}-", 416), (None, 200)]
+    assert result.restarts == 1 and rec.resets == 1 and bytes(rec.buf) == data
 
 
 def test_part_without_state_is_not_trusted(
@@ -540,6 +574,20 @@ def test_cancel_keeps_the_part(
     assert_done(layout, data)
     assert gets(server) == [(f"bytes={have}-", 206)]
     assert result.resumed_from == have
+
+
+def test_keyboard_interrupt_keeps_the_part(
+    slow_server: ShareServer, layout: Layout, data: bytes, sha1: str
+) -> None:
+    def reporter(event: Any) -> None:
+        if event.kind == "advance":
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        fetch(slow_server, layout, sha1=sha1, reporter=reporter)
+    have = layout.part(NAME).stat().st_size
+    assert have > 0 and layout.part(NAME).read_bytes() == data[:have]
+    assert layout.part_state(NAME).exists()
 
 
 def test_cancel_interrupts_a_stalled_read(server: ShareServer, layout: Layout, sha1: str) -> None:
@@ -716,6 +764,35 @@ def test_rate_limiter_caps_a_download(
     fetch(server, layout, sha1=sha1, limiter=limiter)
     assert time.monotonic() - t0 >= (SIZE - (64 << 10)) / (6 << 20) * 0.95
     assert_done(layout, data)
+
+
+def test_rate_limiter_is_shared_by_concurrent_transfers(
+    server: ShareServer, tmp_path: Path, data: bytes, sha1: str
+) -> None:
+    limiter = RateLimiter(8 << 20, burst=64 << 10)
+    session = new_session()
+    share = Share(server.url, TOKEN)
+    layouts = [Layout(tmp_path / f"d{i}") for i in range(2)]
+    errors: list[BaseException] = []
+
+    def one(lay: Layout) -> None:
+        try:
+            fetch_file(
+                session, share, NAME, lay, size=SIZE, sha1=sha1, options=FAST, limiter=limiter
+            )
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(lay,)) for lay in layouts]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors
+    assert time.monotonic() - t0 >= (2 * SIZE - (64 << 10)) / (8 << 20) * 0.95
+    for lay in layouts:
+        assert_done(lay, data)
 
 
 def test_rate_limiter_cancel() -> None:

@@ -402,6 +402,7 @@ class _Transfer:
 
     def restart(self, reason: str) -> None:
         """Throw away the .part's bytes and start again from zero."""
+        discarded = self.offset
         self.truncate_to(0)
         self.feeder.reset()
         self.reused = 0
@@ -410,7 +411,12 @@ class _Transfer:
         if not self.size_known:
             self.size = None
         self.emit(Event("retry", self.name, data={"reason": reason, "delay": 0.0, "restart": True}))
-        self.emit(Event("start", self.name, total=self.size, done=0))
+        self.emit_discarded(discarded)
+
+    def emit_discarded(self, n: int) -> None:
+        """Progress goes back: a negative ``advance`` (renderers just add it up)."""
+        if n:
+            self.emit(Event("advance", self.name, done=-n))
 
     # ------------------------------------------------------------------ main loop
 
@@ -649,7 +655,9 @@ class _Transfer:
         return True
 
     def verify_failed(self, what: str, expected: str, actual: str) -> bool:
+        discarded = self.offset
         self.discard_files()
+        self.offset = 0
         self.feeder.reset()
         if self.checksum_retried:
             raise ChecksumError(self.name, expected, actual, what=what)
@@ -670,9 +678,9 @@ class _Transfer:
                 },
             )
         )
+        self.emit_discarded(discarded)
         self.save_state(self.caller_etag)
         self.open_part(truncate=True)
-        self.emit(Event("start", self.name, total=self.size, done=0))
         return False
 
     def finalize(self) -> FetchResult:
@@ -729,12 +737,14 @@ class _Transfer:
 
     def watch_cancel(self) -> None:
         """Unblock a read stuck on a silent socket as soon as ``cancel`` is set."""
+        shut: requests.Response | None = None
         while not self.done.is_set():
             if self.cancel.wait(0.2):
                 resp = self.current
-                if resp is not None:
+                if resp is not None and resp is not shut:
                     _shutdown(resp)
-                return
+                    shut = resp
+                self.done.wait(0.2)
 
 
 def _shutdown(resp: requests.Response) -> None:
