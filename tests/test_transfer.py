@@ -227,6 +227,28 @@ def test_unknown_size_and_sha1_uses_oc_checksum(
     assert result.restarts == 1
 
 
+class _Refuses(Recorder):
+    def feed(self, data: bytes | memoryview) -> None:
+        super().feed(data)
+        if len(self.buf) > CHUNK:
+            raise ValueError("unsafe member")
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_consumer_error_stops_the_transfer(
+    server: ShareServer, layout: Layout, data: bytes, sha1: str, threaded: bool
+) -> None:
+    bad = _Refuses()
+    opts = TransferOptions(**{**FAST.__dict__, "hash_thread": threaded})
+    with pytest.raises(ValueError, match="unsafe member"):
+        fetch(server, layout, sha1=sha1, consumers=[bad], options=opts)
+    assert bad.aborted == 1 and bad.finished == 0
+    assert not layout.archive(NAME).exists()
+    have = layout.part(NAME).stat().st_size
+    assert have > CHUNK and layout.part(NAME).read_bytes() == data[:have]
+    assert len(gets(server)) == 1  # not retried
+
+
 # ---------------------------------------------------------------- refusals
 
 

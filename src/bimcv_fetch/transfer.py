@@ -149,8 +149,7 @@ class _Feeder:
 
     def _raise_error(self) -> None:
         if self._error is not None:
-            exc, self._error = self._error, None
-            raise exc
+            raise self._error  # stays set (later chunks are skipped) until reset()
 
     def feed(self, data: bytes) -> None:
         if not self._threaded:
@@ -170,7 +169,7 @@ class _Feeder:
         self._raise_error()
 
     def reset(self) -> None:
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(Exception):
             self.drain()
         self._error = None
         for c in self.consumers:
@@ -178,8 +177,7 @@ class _Feeder:
 
     def close(self) -> None:
         if self._thread is not None:
-            with contextlib.suppress(BaseException):
-                self._queue.join()
+            self._queue.join()
             self._queue.put(None)
             self._thread.join(timeout=10)
             self._thread = None
