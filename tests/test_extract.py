@@ -863,3 +863,53 @@ def test_download_hook(tmp_path: Path) -> None:
     assert arch.exists()
     with pytest.raises(Exception, match="no tar -tvf listing"):
         factory("other.tar.gz", SHA)
+
+
+def _wait_members(sx: X.StreamingExtractor, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(sx.receipt.members) < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def _two_versions() -> tuple[list[Entry], list[Entry]]:
+    a = sample_entries(subjects=3, seed=1)
+    b = [Entry(e.name, e.data[::-1]) if e.kind == "file" and len(e.data) > 1 else e for e in a]
+    return a, b
+
+
+def test_streaming_reset_to_a_different_file_reports_stale(tmp_path: Path) -> None:
+    a, b = _two_versions()
+    layout = layout_for(tmp_path)
+    arch_a, listing = make(tmp_path, a, "x.tar.gz")
+    arch_b = write_archive(tmp_path / "other.tar.gz", b)
+    sx = X.StreamingExtractor(layout, "x.tar.gz", listing, archive_sha1=SHA, selector=sel(None))
+    _feed(sx, arch_b.read_bytes(), 12)  # the server first sent something else...
+    _wait_members(sx, len(files_of(b)))
+    sx.reset()
+    _feed(sx, arch_a.read_bytes(), 13)  # ...then the real file
+    sx.finish()
+    with pytest.raises(X.StaleFilesError, match="run the extraction again"):
+        sx.commit(SHA)
+    r = run(arch_a, listing, layout, sel(None))  # from the verified archive
+    assert r.complete and tree_files(layout.tree) == files_of(a)
+
+
+def test_download_hook_recovers_from_stale_files(tmp_path: Path) -> None:
+    from .archives import listing_text
+
+    a, b = _two_versions()
+    layout = layout_for(tmp_path)
+    layout.ensure()
+    arch_a = write_archive(layout.archive("x.tar.gz"), a)
+    arch_b = write_archive(tmp_path / "other.tar.gz", b)
+    layout.manifest("x.tar.gz.tar-tvf.txt").write_text(listing_text(a))
+    hook = X.extract_hook_factory(layout, None, sel(None))("x.tar.gz", SHA)
+    _feed(hook.consumer, arch_b.read_bytes(), 14)
+    _wait_members(hook.consumer, len(files_of(b)))
+    hook.consumer.reset()
+    _feed(hook.consumer, arch_a.read_bytes(), 15)
+    hook.consumer.finish()
+    hook.commit(SHA)
+    assert tree_files(layout.tree) == files_of(a)
+    assert X.receipt_covers(layout, "x.tar.gz", sel(None), listing=listing_of(a))

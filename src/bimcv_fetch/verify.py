@@ -32,6 +32,7 @@ from bimcv_fetch.extract import (
     hash_file,
     load_receipt,
     plan_members,
+    tree_id,
 )
 from bimcv_fetch.manifest import Checksums, Kind, Listing
 from bimcv_fetch.mids import Selector
@@ -355,7 +356,7 @@ def audit_tree(
     for arch in sorted(listings):
         listing = listings[arch]
         receipt: Receipt | None = load_receipt(layout, arch)
-        if receipt is not None and receipt.tree != str(layout.tree):
+        if receipt is not None and receipt.tree != tree_id(layout):
             receipt = None
         if only_extracted and receipt is None:
             continue
