@@ -726,7 +726,12 @@ class _Extraction:
 
 
 def _fail_event(reporter: Reporter, name: str, exc: BaseException) -> None:
-    code = exc.exit_code if isinstance(exc, BimcvError) else ExitCode.UNEXPECTED
+    if isinstance(exc, BimcvError):
+        code = exc.exit_code
+    elif isinstance(exc, KeyboardInterrupt):
+        code = ExitCode.INTERRUPTED
+    else:
+        code = ExitCode.UNEXPECTED
     reporter(Event("fail", name, data={"error": str(exc), "exit_code": int(code),
                                       "stage": "extract"}))
 

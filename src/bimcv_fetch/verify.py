@@ -402,8 +402,14 @@ def audit_tree(
 def _hash_all(
     items: list[tuple[str, str, Path, str]], jobs: int, report: Reporter
 ) -> list[Problem]:
-    total = sum(os.path.getsize(i[2]) for i in items)
-    report(Event("start", "tree", total=total, data={"stage": "audit", "verb": "hash"}))
+    sizes = {}
+    for i in items:
+        try:
+            sizes[i[2]] = os.path.getsize(i[2])
+        except OSError:
+            sizes[i[2]] = 0
+    report(Event("start", "tree", total=sum(sizes.values()),
+                 data={"stage": "audit", "verb": "hash"}))
 
     def one(item: tuple[str, str, Path, str]) -> Problem | None:
         arch, path, full, recorded = item
@@ -413,7 +419,7 @@ def _hash_all(
         except OSError as exc:
             return Problem("missing", path, arch, f"cannot read: {exc}")
         finally:
-            report(Event("advance", "tree", done=os.path.getsize(full)))
+            report(Event("advance", "tree", done=sizes[full]))
         if actual != recorded:
             return Problem("hash", path, arch, f"content {actual}, extracted as {recorded}")
         return None
