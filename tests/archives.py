@@ -103,8 +103,11 @@ def _perm(mode: int) -> str:
 def listing_line(ti: tarfile.TarInfo) -> str:
     """One line as GNU ``tar -tvf`` prints it."""
     kind = _MODE_CHAR.get(ti.type, "?")
-    size = f"{ti.devmajor},{ti.devminor}" if ti.type in (tarfile.CHRTYPE, tarfile.BLKTYPE) \
+    size = (
+        f"{ti.devmajor},{ti.devminor}"
+        if ti.type in (tarfile.CHRTYPE, tarfile.BLKTYPE)
         else str(ti.size)
+    )
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(ti.mtime))
     name = ti.name + ("/" if ti.type == tarfile.DIRTYPE and not ti.name.endswith("/") else "")
     if ti.type == tarfile.SYMTYPE:

@@ -56,16 +56,15 @@ def layout_for(tmp_path: Path) -> Layout:
 
 
 def expected(entries: list[Entry], selector: Selector) -> dict[str, bytes]:
-    return {
-        p.removeprefix("./"): d for p, d in files_of(entries).items() if selector.wants(p)
-    }
+    return {p.removeprefix("./"): d for p, d in files_of(entries).items() if selector.wants(p)}
 
 
 def run(
     arch: Path, listing: Listing, layout: Layout, selector: Selector, **kw: object
 ) -> X.Receipt:
-    return X.extract_archive(arch, listing, layout, name=arch.name, archive_sha1=SHA,
-                             selector=selector, **kw)  # type: ignore[arg-type]
+    return X.extract_archive(
+        arch, listing, layout, name=arch.name, archive_sha1=SHA, selector=selector, **kw
+    )  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ planning
@@ -166,7 +165,10 @@ def test_larger_subset_adds_only_new_members(tmp_path: Path) -> None:
     for p, st in before.items():
         now = os.stat(layout.tree / p)
         assert (now.st_ino, now.st_mtime_ns, now.st_ctime_ns) == (
-            st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            st.st_ino,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        )
     new = set(expected(entries, sel("CR,DX"))) - set(first.members)
     assert second.written == len(new) and second.skipped > 0
     raw = json.loads(layout.receipt(arch.name).read_text())
@@ -189,8 +191,7 @@ def test_receipt_union_of_selections(tmp_path: Path) -> None:
     assert not X.receipt_covers(layout, arch.name, sel("CR"))
     assert not X.receipt_covers(layout, arch.name, sel(None))
     assert not X.receipt_covers(layout, arch.name, sel("CT"), sha1="b" * 40)
-    assert not X.receipt_covers(Layout(tmp_path / "dest", tmp_path / "other"), arch.name,
-                                sel("CT"))
+    assert not X.receipt_covers(Layout(tmp_path / "dest", tmp_path / "other"), arch.name, sel("CT"))
 
 
 def test_rerun_rewrites_a_changed_file(tmp_path: Path) -> None:
@@ -214,7 +215,9 @@ def _early_stop_entries() -> list[Entry]:
     rng = random.Random(3)
     base = f"{TOP}/sub-S1/ses-E1/mod-rx"
     return [
-        dir_entry(TOP), dir_entry(f"{TOP}/sub-S1"), dir_entry(f"{TOP}/sub-S1/ses-E1"),
+        dir_entry(TOP),
+        dir_entry(f"{TOP}/sub-S1"),
+        dir_entry(f"{TOP}/sub-S1/ses-E1"),
         dir_entry(base),
         Entry(f"{TOP}/participants.tsv", b"p\n"),
         Entry(f"{base}/sub-S1_ses-E1_run-1_bp-chest_ct.nii.gz", rng.randbytes(50_000)),
@@ -265,8 +268,11 @@ def test_bytes_read_stop_early(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         def __getattr__(self, name: str) -> object:
             return getattr(self.f, name)
 
-    monkeypatch.setattr(X.gz, "open_gzip_stream",
-                        lambda fh, **kw: real_open(Counting(fh), **{**kw, "backend": "zlib"}))
+    monkeypatch.setattr(
+        X.gz,
+        "open_gzip_stream",
+        lambda fh, **kw: real_open(Counting(fh), **{**kw, "backend": "zlib"}),
+    )
     run(arch, listing, layout_for(tmp_path), sel("CT"))
     assert 0 < sum(counted) < arch.stat().st_size // 2
 
@@ -280,8 +286,9 @@ def test_archive_without_wanted_members_is_not_opened(tmp_path: Path) -> None:
     listing = listing_of(entries)
     layout = layout_for(tmp_path)
     missing = tmp_path / "never-downloaded.tar.gz"
-    r = X.extract_archive(missing, listing, layout, name=missing.name, archive_sha1=SHA,
-                          selector=sel("CT"))
+    r = X.extract_archive(
+        missing, listing, layout, name=missing.name, archive_sha1=SHA, selector=sel("CT")
+    )
     assert r.complete and r.members == {}
     assert not layout.tree.exists() or tree_files(layout.tree) == {}
     assert X.receipt_covers(layout, missing.name, sel("CT"))
@@ -305,9 +312,15 @@ def _outside_snapshot(tmp_path: Path, layout: Layout) -> set[str]:
     return {p for p in snapshot(tmp_path) if p != tree and not p.startswith(tree + "/")}
 
 
-def _assert_refused(tmp_path: Path, entries: list[Entry], listing: Listing | None = None,
-                    *, prepare: object = None, exc: type[Exception] = UnsafeArchiveError,
-                    selector: Selector | None = None) -> Layout:
+def _assert_refused(
+    tmp_path: Path,
+    entries: list[Entry],
+    listing: Listing | None = None,
+    *,
+    prepare: object = None,
+    exc: type[Exception] = UnsafeArchiveError,
+    selector: Selector | None = None,
+) -> Layout:
     arch = write_archive(tmp_path / "evil.tar.gz", entries)
     listing = listing or listing_of(entries)
     layout = layout_for(tmp_path)
@@ -323,9 +336,13 @@ def _assert_refused(tmp_path: Path, entries: list[Entry], listing: Listing | Non
         assert type(info.value) is UnsafeArchiveError
         assert info.value.exit_code == ExitCode.UNSAFE
     after = _outside_snapshot(tmp_path, layout)
-    assert after - before <= {"dest/.bimcv-fetch", "dest/.bimcv-fetch/receipts",
-                              "dest/.bimcv-fetch/receipts/evil.tar.gz.json",
-                              "dest/.bimcv-fetch/locks", "dest"}
+    assert after - before <= {
+        "dest/.bimcv-fetch",
+        "dest/.bimcv-fetch/receipts",
+        "dest/.bimcv-fetch/receipts/evil.tar.gz.json",
+        "dest/.bimcv-fetch/locks",
+        "dest",
+    }
     assert tree_files(tmp_path / "outside") == outside_files
     return layout
 
@@ -349,8 +366,20 @@ GOOD = [dir_entry(TOP), Entry(f"{TOP}/participants.tsv", b"ok\n")]
         Entry(f"{TOP}/null", kind="char"),
         Entry(f"{TOP}/sda", kind="block"),
     ],
-    ids=["dotdot", "inner-dotdot", "absolute", "backslash", "drive", "symlink-rel",
-         "symlink-abs", "hardlink-abs", "hardlink-inside", "fifo", "chardev", "blockdev"],
+    ids=[
+        "dotdot",
+        "inner-dotdot",
+        "absolute",
+        "backslash",
+        "drive",
+        "symlink-rel",
+        "symlink-abs",
+        "hardlink-abs",
+        "hardlink-inside",
+        "fifo",
+        "chardev",
+        "blockdev",
+    ],
 )
 def test_hostile_member_in_archive_and_listing(tmp_path: Path, evil: Entry) -> None:
     if evil.name.startswith("/OUTSIDE"):
@@ -421,8 +450,10 @@ def test_existing_symlink_at_final_path_is_replaced_not_followed(tmp_path: Path)
     run(arch, listing, layout, sel(None))
     assert target.read_bytes() == b"keep me"
     final = layout.tree / TOP / "participants.tsv"
-    assert not final.is_symlink() and final.read_bytes() == files_of(entries)[
-        f"{TOP}/participants.tsv"]
+    assert (
+        not final.is_symlink()
+        and final.read_bytes() == files_of(entries)[f"{TOP}/participants.tsv"]
+    )
 
 
 def test_existing_symlink_at_temp_path_is_not_followed(tmp_path: Path) -> None:
@@ -443,8 +474,14 @@ def test_listing_naming_an_unsafe_member_is_refused_before_opening(tmp_path: Pat
     listing = listing_of([*GOOD, Entry(f"{TOP}/l", kind="symlink", link="/")])
     layout = layout_for(tmp_path)
     with pytest.raises(UnsafeArchiveError, match="symbolic link"):
-        X.extract_archive(tmp_path / "absent.tar.gz", listing, layout, name="absent.tar.gz",
-                          archive_sha1=SHA, selector=sel(None))
+        X.extract_archive(
+            tmp_path / "absent.tar.gz",
+            listing,
+            layout,
+            name="absent.tar.gz",
+            archive_sha1=SHA,
+            selector=sel(None),
+        )
     assert not layout.tree.exists()
 
 
@@ -462,8 +499,9 @@ def test_ustar_and_pax_long_names(tmp_path: Path) -> None:
     for fmt, name in ((tarfile.PAX_FORMAT, "pax.tar.gz"), (tarfile.GNU_FORMAT, "gnu.tar.gz")):
         arch = write_archive(tmp_path / name, entries, fmt=fmt)
         layout = Layout(tmp_path / (name + "-d"), tmp_path / (name + "-tree"))
-        X.extract_archive(arch, listing_of(entries), layout, name=name, archive_sha1=SHA,
-                          selector=sel(None))
+        X.extract_archive(
+            arch, listing_of(entries), layout, name=name, archive_sha1=SHA, selector=sel(None)
+        )
         assert tree_files(layout.tree) == files_of(entries)
 
 
@@ -474,15 +512,20 @@ def test_member_not_in_listing(tmp_path: Path) -> None:
     entries = sample_entries(subjects=1)
     arch = write_archive(tmp_path / "a.tar.gz", [*entries, Entry(f"{TOP}/extra.tsv", b"x")])
     with pytest.raises(CorruptArchiveError, match="not in the listing"):
-        run(arch, listing_of([*entries, Entry(f"{TOP}/zzz.tsv", b"y")]), layout_for(tmp_path),
-            sel(None))
+        run(
+            arch,
+            listing_of([*entries, Entry(f"{TOP}/zzz.tsv", b"y")]),
+            layout_for(tmp_path),
+            sel(None),
+        )
 
 
 def test_member_size_differs_from_listing(tmp_path: Path) -> None:
     entries = sample_entries(subjects=1)
     arch = write_archive(tmp_path / "a.tar.gz", entries)
-    lying = [Entry(e.name, e.data + b"!") if e.name.endswith("participants.tsv") else e
-             for e in entries]
+    lying = [
+        Entry(e.name, e.data + b"!") if e.name.endswith("participants.tsv") else e for e in entries
+    ]
     layout = layout_for(tmp_path)
     with pytest.raises(CorruptArchiveError, match="listing says"):
         run(arch, listing_of(lying), layout, sel(None))
@@ -493,8 +536,12 @@ def test_member_type_differs_from_listing(tmp_path: Path) -> None:
     entries = [dir_entry(TOP), Entry(f"{TOP}/x", b"")]
     arch = write_archive(tmp_path / "a.tar.gz", entries)
     with pytest.raises(CorruptArchiveError):
-        run(arch, listing_of([dir_entry(TOP), dir_entry(f"{TOP}/x"), Entry(f"{TOP}/y", b"")]),
-            layout_for(tmp_path), sel(None))
+        run(
+            arch,
+            listing_of([dir_entry(TOP), dir_entry(f"{TOP}/x"), Entry(f"{TOP}/y", b"")]),
+            layout_for(tmp_path),
+            sel(None),
+        )
 
 
 def test_listed_member_missing_from_archive(tmp_path: Path) -> None:
@@ -634,8 +681,9 @@ def _big_entries() -> list[Entry]:
     out = [dir_entry(TOP)]
     for i in range(60):
         base = f"{TOP}/sub-S{i:05d}/ses-E1/mod-rx"
-        out.append(Entry(f"{base}/sub-S{i:05d}_ses-E1_run-1_bp-chest_vp-pa_dx.png",
-                         rng.randbytes(500_000)))
+        out.append(
+            Entry(f"{base}/sub-S{i:05d}_ses-E1_run-1_bp-chest_vp-pa_dx.png", rng.randbytes(500_000))
+        )
         out.append(Entry(f"{base}/sub-S{i:05d}_ses-E1_run-1_bp-chest_vp-pa_dx.json", b"{}"))
     return out  # about 30 MB
 
@@ -650,8 +698,16 @@ def test_kill_during_extract_then_rerun(tmp_path: Path) -> None:
     layout = layout_for(tmp_path)
     src = str(Path(X.__file__).resolve().parents[1])
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, src, str(arch), str(listing_path),
-         str(layout.dest), str(layout.tree)],
+        [
+            sys.executable,
+            "-c",
+            KILL_SCRIPT,
+            src,
+            str(arch),
+            str(listing_path),
+            str(layout.dest),
+            str(layout.tree),
+        ],
     )
     try:
         deadline = time.monotonic() + 30
@@ -708,8 +764,9 @@ def test_streaming_matches_extract_archive(tmp_path: Path, subset: str) -> None:
     ref = Layout(tmp_path / "ref", tmp_path / "ref-tree")
     run(arch, listing, ref, sel(subset))
     layout = layout_for(tmp_path)
-    sx = X.StreamingExtractor(layout, arch.name, listing, archive_sha1=SHA, selector=sel(subset),
-                              queue_bytes=100_000)
+    sx = X.StreamingExtractor(
+        layout, arch.name, listing, archive_sha1=SHA, selector=sel(subset), queue_bytes=100_000
+    )
     _feed(sx, arch.read_bytes(), 1)
     sx.finish()
     raw = json.loads(layout.receipt(arch.name).read_text())
@@ -819,8 +876,9 @@ def test_streaming_corrupt_and_unsafe_raise_on_commit(tmp_path: Path) -> None:
     earch = write_archive(tmp_path / "evil.tar.gz", evil)
     (tmp_path / "outside").mkdir()
     before = snapshot(tmp_path / "outside")
-    sx = X.StreamingExtractor(layout, earch.name, listing_of([*GOOD, evil[-1]]), archive_sha1=SHA,
-                              selector=sel(None))
+    sx = X.StreamingExtractor(
+        layout, earch.name, listing_of([*GOOD, evil[-1]]), archive_sha1=SHA, selector=sel(None)
+    )
     _feed(sx, earch.read_bytes(), 10)
     sx.finish()
     with pytest.raises(UnsafeArchiveError):

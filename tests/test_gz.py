@@ -39,8 +39,10 @@ def test_stream_multi_member(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stream_truncated(backend: str) -> None:
     data = gzip.compress(RAW)[:-100]
-    with pytest.raises(CorruptArchiveError, match="truncated"), \
-            gz.open_gzip_stream(io.BytesIO(data), name="x.tgz", backend=backend) as s:
+    with (
+        pytest.raises(CorruptArchiveError, match="truncated"),
+        gz.open_gzip_stream(io.BytesIO(data), name="x.tgz", backend=backend) as s,
+    ):
         _read_all(s)
 
 
@@ -48,8 +50,10 @@ def test_stream_truncated(backend: str) -> None:
 def test_stream_flipped_byte(backend: str) -> None:
     data = bytearray(gzip.compress(RAW))
     data[len(data) // 3] ^= 0x10
-    with pytest.raises(CorruptArchiveError), \
-            gz.open_gzip_stream(io.BytesIO(bytes(data)), backend=backend) as s:
+    with (
+        pytest.raises(CorruptArchiveError),
+        gz.open_gzip_stream(io.BytesIO(bytes(data)), backend=backend) as s,
+    ):
         _read_all(s)
 
 
@@ -57,15 +61,19 @@ def test_stream_flipped_byte(backend: str) -> None:
 def test_stream_bad_crc(backend: str) -> None:
     data = bytearray(gzip.compress(RAW))
     data[-8] ^= 1  # CRC32 in the trailer
-    with pytest.raises(CorruptArchiveError), \
-            gz.open_gzip_stream(io.BytesIO(bytes(data)), backend=backend) as s:
+    with (
+        pytest.raises(CorruptArchiveError),
+        gz.open_gzip_stream(io.BytesIO(bytes(data)), backend=backend) as s,
+    ):
         _read_all(s)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stream_not_gzip(backend: str) -> None:
-    with pytest.raises(CorruptArchiveError), \
-            gz.open_gzip_stream(io.BytesIO(b"plain tar? no" * 100), backend=backend) as s:
+    with (
+        pytest.raises(CorruptArchiveError),
+        gz.open_gzip_stream(io.BytesIO(b"plain tar? no" * 100), backend=backend) as s,
+    ):
         _read_all(s)
 
 

@@ -82,8 +82,12 @@ def test_check_listing_flags_links_devices_and_fifos() -> None:
     ]
     bad = {m.name: reason for m, reason in check_listing(listing_of(entries))}
     assert set(bad) == {
-        "covid19_posi/link", "covid19_posi/hard", "covid19_posi/fifo",
-        "covid19_posi/null", "covid19_posi/disk", "../evil",
+        "covid19_posi/link",
+        "covid19_posi/hard",
+        "covid19_posi/fifo",
+        "covid19_posi/null",
+        "covid19_posi/disk",
+        "../evil",
     }
     assert "symbolic link" in bad["covid19_posi/link"]
     assert "hard link" in bad["covid19_posi/hard"]

@@ -119,8 +119,9 @@ def test_deep_check_listing_differences(tmp_path: Path) -> None:
     entries = sample_entries(subjects=2)
     extra = Entry(f"{TOP}/extra.tsv", b"surprise")
     arch = write_archive(tmp_path / "a.tar.gz", [*entries, extra])
-    lying = [Entry(e.name, e.data + b"!") if e.name.endswith("participants.tsv") else e
-             for e in entries]
+    lying = [
+        Entry(e.name, e.data + b"!") if e.name.endswith("participants.tsv") else e for e in entries
+    ]
     missing = Entry(f"{TOP}/missing.tsv", b"")
     problems = deep_check(arch, listing_of([*lying, missing]))
     got = {(p.kind, p.path) for p in problems}
@@ -156,8 +157,7 @@ def test_deep_check_unsafe_members(tmp_path: Path) -> None:
 @pytest.fixture
 def extracted(good: tuple[Layout, list[Entry], Path, Listing]) -> tuple[Layout, dict[str, Listing]]:
     layout, _, arch, listing = good
-    X.extract_archive(arch, listing, layout, name="a.tar.gz", archive_sha1=sha1(arch),
-                      selector=ALL)
+    X.extract_archive(arch, listing, layout, name="a.tar.gz", archive_sha1=sha1(arch), selector=ALL)
     return layout, {"a.tar.gz": listing}
 
 
@@ -196,13 +196,16 @@ def test_audit_tree_finds_problems(extracted: tuple[Layout, dict[str, Listing]])
     assert problems_exit_code(problems) == ExitCode.CHECKSUM
     hashed = audit_tree(layout, listings, ALL, hash=True, extras=False)
     assert {(p.kind, p.path) for p in hashed} == {
-        ("missing", gone), ("size", grown), ("hash", same_size),
+        ("missing", gone),
+        ("size", grown),
+        ("hash", same_size),
     }
     json.dumps([asdict(p) for p in hashed])
 
 
-def test_audit_tree_symlink_in_place(extracted: tuple[Layout, dict[str, Listing]],
-                                     tmp_path: Path) -> None:
+def test_audit_tree_symlink_in_place(
+    extracted: tuple[Layout, dict[str, Listing]], tmp_path: Path
+) -> None:
     layout, listings = extracted
     victim = layout.tree / TOP / "participants.tsv"
     victim.unlink()
@@ -228,5 +231,6 @@ def test_audit_tree_selection_and_only_extracted(tmp_path: Path) -> None:
     assert audit_tree(layout, listings, ct, only_extracted=True) == []
     # asking for everything: one.tar.gz lacks its CR/DX files
     problems = audit_tree(layout, listings, ALL, only_extracted=True)
-    assert problems and all(p.kind == "missing" and not p.path.endswith("_ct.nii.gz")
-                            for p in problems)
+    assert problems and all(
+        p.kind == "missing" and not p.path.endswith("_ct.nii.gz") for p in problems
+    )

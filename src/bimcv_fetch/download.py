@@ -12,11 +12,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import requests
 
 from bimcv_fetch.errors import (
     BimcvError,
+    ChecksumError,
     ConfigError,
     DiskError,
     ExitCode,
@@ -107,7 +109,7 @@ def _item(
     index: ReleaseIndex, layout: Layout, selector: Selector, info: ArchiveInfo, extract: bool
 ) -> PlanItem:
     name = info.name
-    covered = receipt_covers(layout, name, selector)
+    covered = receipt_covers(layout, name, selector, info.sha1)
     if layout.archive(name).exists():
         if not is_verified(layout, name, info.sha1):
             return PlanItem(info, "verify")  # hashed before anything else is decided
@@ -163,19 +165,19 @@ class DownloadOptions:
 ExtractorFactory = Callable[[str, str | None], "ExtractHook"]
 
 
-class ExtractHook:
-    """What ``download --extract`` plugs into a transfer; see extract.StreamingExtractor."""
+class ExtractHook(Protocol):
+    """What ``download --extract`` plugs into a transfer (see extract.DownloadExtractHook)."""
 
-    consumer: Consumer
+    @property
+    def consumer(self) -> Consumer: ...
 
-    def commit(self, sha1: str) -> int:  # pragma: no cover - interface
-        raise NotImplementedError
+    def commit(self, sha1: str) -> int: ...
 
-    def discard(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def discard(self) -> None: ...
 
-    def extract_local(self) -> int:  # pragma: no cover - interface
-        raise NotImplementedError
+    def abort(self) -> None: ...
+
+    def extract_local(self) -> int: ...
 
 
 def run_download(
@@ -305,9 +307,13 @@ def _one(
             reporter=report,
             cancel=cancel,
         )
+    except ChecksumError:
+        if hook is not None:
+            hook.discard()  # files from bytes that failed the SHA1 check must go
+        raise
     except BaseException:
         if hook is not None:
-            hook.discard()
+            hook.abort()  # keep what was extracted: the rerun resumes and skips it
         raise
     extracted = hook.commit(result.sha1) if hook is not None else 0
     return result.bytes_transferred, extracted

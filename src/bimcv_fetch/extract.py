@@ -241,8 +241,9 @@ class Selection:
         if self.subjects == other.subjects and self.iterations == other.iterations:
             assert self.subset is not None and other.subset is not None
             union = self.subset | other.subset
-            return Selection(None if set(MODALITIES) <= union else union, self.subjects,
-                             self.iterations)
+            return Selection(
+                None if set(MODALITIES) <= union else union, self.subjects, self.iterations
+            )
         if self.subset == other.subset and self.iterations == other.iterations:
             assert self.subjects is not None and other.subjects is not None
             return Selection(self.subset, self.subjects | other.subjects, self.iterations)
@@ -500,9 +501,7 @@ class _Extraction:
             st = os.lstat(os.path.join(self.tree.real_root, path))
         except OSError:
             return False
-        return (
-            stat.S_ISREG(st.st_mode) and st.st_size == rec.size and int(st.st_mtime) == rec.mtime
-        )
+        return stat.S_ISREG(st.st_mode) and st.st_size == rec.size and int(st.st_mtime) == rec.mtime
 
     def all_done(self) -> bool:
         """Every wanted member has a trusted entry and its file on disk: no need to read."""
@@ -518,8 +517,15 @@ class _Extraction:
 
     def run(self, stream: BinaryIO) -> None:
         """Read the tar stream until every wanted member has been seen."""
-        self.reporter(Event("start", self.name, total=self.planned_bytes, done=0,
-                            data={"stage": "extract", "files": len(self.wanted)}))
+        self.reporter(
+            Event(
+                "start",
+                self.name,
+                total=self.planned_bytes,
+                done=0,
+                data={"stage": "extract", "files": len(self.wanted)},
+            )
+        )
         if not self.remaining:
             return
         self.receipt.complete = False
@@ -680,8 +686,7 @@ class _Extraction:
             self.drop_tmp()
             raise
         self.current_tmp = None
-        self.receipt.members[path] = MemberRecord(ti.size, h.text(), int(ti.mtime),
-                                                  self.unverified)
+        self.receipt.members[path] = MemberRecord(ti.size, h.text(), int(ti.mtime), self.unverified)
         self.touched.add(path)
         self.receipt.written += 1
         self.receipt.bytes_written += ti.size
@@ -711,18 +716,30 @@ class _Extraction:
             except OSError:
                 continue
             for e in entries:
-                if e.name.startswith(".") and e.name.endswith(TMP_SUFFIX) and (
-                    e.is_file(follow_symlinks=False) or e.is_symlink()
+                if (
+                    e.name.startswith(".")
+                    and e.name.endswith(TMP_SUFFIX)
+                    and (e.is_file(follow_symlinks=False) or e.is_symlink())
                 ):
                     with contextlib.suppress(OSError):
                         os.unlink(e.path)
 
     def finish_event(self, status: str = "ok") -> None:
         r = self.receipt
-        self.reporter(Event("finish", self.name, data={
-            "status": status, "stage": "extract", "sha1": r.sha1, "written": r.written,
-            "skipped": r.skipped, "bytes": r.bytes_written,
-        }))
+        self.reporter(
+            Event(
+                "finish",
+                self.name,
+                data={
+                    "status": status,
+                    "stage": "extract",
+                    "sha1": r.sha1,
+                    "written": r.written,
+                    "skipped": r.skipped,
+                    "bytes": r.bytes_written,
+                },
+            )
+        )
 
 
 def _fail_event(reporter: Reporter, name: str, exc: BaseException) -> None:
@@ -732,8 +749,9 @@ def _fail_event(reporter: Reporter, name: str, exc: BaseException) -> None:
         code = ExitCode.INTERRUPTED
     else:
         code = ExitCode.UNEXPECTED
-    reporter(Event("fail", name, data={"error": str(exc), "exit_code": int(code),
-                                      "stage": "extract"}))
+    reporter(
+        Event("fail", name, data={"error": str(exc), "exit_code": int(code), "stage": "extract"})
+    )
 
 
 def _extract_lock(layout: Layout, name: str) -> FileLock:
@@ -775,8 +793,16 @@ def extract_archive(
         if lk is not None:
             lk.acquire()
         try:
-            ex = _Extraction(layout, name, listing, archive_sha1=archive_sha1, selector=selector,
-                             reporter=report, cancel=cancel, unverified=False)
+            ex = _Extraction(
+                layout,
+                name,
+                listing,
+                archive_sha1=archive_sha1,
+                selector=selector,
+                reporter=report,
+                cancel=cancel,
+                unverified=False,
+            )
             if ex.wanted and not ex.all_done():
                 try:
                     fh = open(archive_path, "rb", buffering=0)  # noqa: SIM115
@@ -790,8 +816,15 @@ def extract_archive(
                         ex.save(force=True)
                     raise
             else:
-                ex.reporter(Event("start", name, total=ex.planned_bytes, done=ex.planned_bytes,
-                                  data={"stage": "extract", "files": len(ex.wanted)}))
+                ex.reporter(
+                    Event(
+                        "start",
+                        name,
+                        total=ex.planned_bytes,
+                        done=ex.planned_bytes,
+                        data={"stage": "extract", "files": len(ex.wanted)},
+                    )
+                )
                 ex.receipt.skipped = len(ex.wanted)
             receipt = ex.complete(archive_sha1)
             if delete_archive:
@@ -874,9 +907,16 @@ def extract_many(
             return
         try:
             results[i].receipt = extract_archive(
-                j.archive, j.listing, layout, name=j.name, archive_sha1=j.sha1,
-                selector=selector, reporter=report, delete_archive=delete_archives,
-                cancel=stop, backend=backend,
+                j.archive,
+                j.listing,
+                layout,
+                name=j.name,
+                archive_sha1=j.sha1,
+                selector=selector,
+                reporter=report,
+                delete_archive=delete_archives,
+                cancel=stop,
+                backend=backend,
             )
         except Exception as exc:
             results[i].error = exc
@@ -1024,9 +1064,16 @@ class StreamingExtractor:
         self.backend = backend
         self.queue_bytes = queue_bytes
         self._lock = _extract_lock(layout, name) if lock else None
-        self._ex = _Extraction(layout, name, listing, archive_sha1=archive_sha1,
-                               selector=selector, reporter=self.reporter, cancel=None,
-                               unverified=True)
+        self._ex = _Extraction(
+            layout,
+            name,
+            listing,
+            archive_sha1=archive_sha1,
+            selector=selector,
+            reporter=self.reporter,
+            cancel=None,
+            unverified=True,
+        )
         self._thread: threading.Thread | None = None
         self._queue: _ByteQueue | None = None
         self._error: BaseException | None = None
@@ -1065,8 +1112,9 @@ class StreamingExtractor:
             except _Stopped:
                 pass
             except BaseException as exc:  # handed to commit()
-                self._error = exc if not isinstance(exc, OSError) else disk_error(
-                    self.layout.tree, exc)
+                self._error = (
+                    exc if not isinstance(exc, OSError) else disk_error(self.layout.tree, exc)
+                )
             finally:
                 ex.drop_tmp()
                 q.close()
@@ -1095,10 +1143,17 @@ class StreamingExtractor:
         self._error = None
         self._finished = False
         receipt = self._ex.receipt
-        self._ex = _Extraction(self.layout, self.name, self.listing,
-                               archive_sha1=receipt.sha1, selector=self.selector,
-                               reporter=self.reporter, cancel=None, unverified=True,
-                               receipt=receipt)
+        self._ex = _Extraction(
+            self.layout,
+            self.name,
+            self.listing,
+            archive_sha1=receipt.sha1,
+            selector=self.selector,
+            reporter=self.reporter,
+            cancel=None,
+            unverified=True,
+            receipt=receipt,
+        )
 
     def feed(self, data: bytes | memoryview) -> None:
         if not self._ex.wanted or self._error is not None or self._closed:
@@ -1234,7 +1289,10 @@ class DownloadExtractHook:
         if self._streaming is None:
             # No progress events here: the transfer already reports this archive's bytes.
             self._streaming = StreamingExtractor(
-                self.layout, self.name, self.listing, archive_sha1=self.sha1 or "",
+                self.layout,
+                self.name,
+                self.listing,
+                archive_sha1=self.sha1 or "",
                 selector=self.selector,
             )
         return self._streaming
@@ -1266,8 +1324,13 @@ class DownloadExtractHook:
 
     def extract_local(self) -> int:
         receipt = extract_archive(
-            self.layout.archive(self.name), self.listing, self.layout, name=self.name,
-            archive_sha1=self.sha1 or "", selector=self.selector, reporter=self.reporter,
+            self.layout.archive(self.name),
+            self.listing,
+            self.layout,
+            name=self.name,
+            archive_sha1=self.sha1 or "",
+            selector=self.selector,
+            reporter=self.reporter,
             delete_archive=self.delete_archive,
         )
         return receipt.written
@@ -1303,7 +1366,8 @@ def extract_hook_factory(
                 f"{name}: no tar -tvf listing cached in {layout.manifests}",
                 hint="run the command again online so the listings are fetched",
             )
-        return DownloadExtractHook(layout, name, sha1, listing, selector, reporter=reporter,
-                                   delete_archive=delete_archives)
+        return DownloadExtractHook(
+            layout, name, sha1, listing, selector, reporter=reporter, delete_archive=delete_archives
+        )
 
     return factory

@@ -104,9 +104,7 @@ class GzipStream(io.RawIOBase):
                 super().close()
 
 
-def open_gzip_stream(
-    fileobj: BinaryIO, *, name: str = "", backend: str | None = None
-) -> BinaryIO:
+def open_gzip_stream(fileobj: BinaryIO, *, name: str = "", backend: str | None = None) -> BinaryIO:
     """Decompress ``fileobj`` (a gzip file, possibly multi-member) as a readable stream.
 
     ``backend`` is one of :data:`BACKENDS` (default: the fastest available).
@@ -203,8 +201,13 @@ class GzipDecoder:
                     if self.members and buf.count(0) == len(buf):
                         self._padding = True
                         return
-                    raise self._fail(OSError("not a gzip stream" if not self.members
-                                             else "garbage after a gzip member"))
+                    raise self._fail(
+                        OSError(
+                            "not a gzip stream"
+                            if not self.members
+                            else "garbage after a gzip member"
+                        )
+                    )
                 self._d = self._new()
             d = self._d
             try:

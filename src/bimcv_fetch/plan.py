@@ -8,7 +8,7 @@ from bimcv_fetch.errors import ConfigError
 from bimcv_fetch.index import ReleaseIndex
 from bimcv_fetch.manifest import Listing
 from bimcv_fetch.mids import MODALITIES, Role, Selector, parse_path
-from bimcv_fetch.store import Layout, local_state, read_json
+from bimcv_fetch.store import Layout, local_state
 
 
 @dataclass(frozen=True)
@@ -129,11 +129,8 @@ def shard_of(items: list[ArchiveInfo], k: int, n: int) -> list[ArchiveInfo]:
     return sorted(chosen, key=lambda a: (a.metadata, a.name))
 
 
-def receipt_covers(layout: Layout, name: str, selector: Selector) -> bool:
-    """Whether a complete extraction receipt already covers this selection."""
-    try:
-        from bimcv_fetch.extract import receipt_covers as covers
-    except ImportError:  # pragma: no cover - extract not available
-        raw = read_json(layout.receipt(name))
-        return bool(isinstance(raw, dict) and raw.get("complete") and raw.get("subset") == "all")
-    return covers(layout, name, selector)
+def receipt_covers(layout: Layout, name: str, selector: Selector, sha1: str | None = None) -> bool:
+    """Whether a complete extraction receipt (of this very archive) covers this selection."""
+    from bimcv_fetch.extract import receipt_covers as covers
+
+    return covers(layout, name, selector, sha1=sha1)

@@ -94,8 +94,11 @@ class PlainReporter:
             if e.kind == "start":
                 self._done[e.name] = e.done
                 self._total[e.name] = e.total
-                resumed = f", resuming at {human_bytes(e.done)}" if e.done else ""
-                self._say(f"start  {e.name} ({human_bytes(e.total)}{resumed})")
+                verb = str(e.data.get("verb") or e.data.get("stage") or "fetch")
+                resumed = ""
+                if e.done and verb == "fetch":
+                    resumed = f", resuming at {human_bytes(e.done)}"
+                self._say(f"{verb:<7}{e.name} ({human_bytes(e.total)}{resumed})")
             elif e.kind == "advance":
                 self._done[e.name] = self._done.get(e.name, 0) + e.done
                 now = time.monotonic()
@@ -110,7 +113,8 @@ class PlainReporter:
             elif e.kind == "finish":
                 self._done.pop(e.name, None)
                 self._total.pop(e.name, None)
-                self._say(f"done   {e.name} ({e.data.get('status', 'ok')})")
+                status = "verified earlier" if e.data.get("cached") else e.data.get("status", "ok")
+                self._say(f"done   {e.name} ({status})")
             elif e.kind == "retry":
                 self._say(
                     f"retry  {e.name}: {e.data.get('reason', '')}; again in "
@@ -169,9 +173,9 @@ class RichReporter:
                 if self._overall is not None and e.done:
                     self.progress.advance(self._overall, e.done)
             elif e.kind == "advance":
-                tid = self._tasks.get(e.name)
-                if tid is not None:
-                    self.progress.advance(tid, e.done)
+                task = self._tasks.get(e.name)
+                if task is not None:
+                    self.progress.advance(task, e.done)
                 if self._overall is not None:
                     self.progress.advance(self._overall, e.done)
             elif e.kind in ("finish", "fail"):

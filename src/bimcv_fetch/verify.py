@@ -116,8 +116,13 @@ def verify_archives(
             report(Event("finish", name, data={"status": "unknown", "stage": "verify"}))
             return ArchiveCheck(name, "unknown", size=size)
         if not force and is_verified(layout, name, expected):
-            report(Event("finish", name, data={"status": "skipped", "sha1": expected,
-                                               "stage": "verify", "cached": True}))
+            report(
+                Event(
+                    "finish",
+                    name,
+                    data={"status": "skipped", "sha1": expected, "stage": "verify", "cached": True},
+                )
+            )
             return ArchiveCheck(name, "ok", expected, expected, size, cached=True)
         if stop.is_set():
             raise Interrupted("verification interrupted")
@@ -136,13 +141,20 @@ def verify_archives(
             return ArchiveCheck(name, "error", expected, size=size, detail=str(err))
         if actual == expected:
             write_verified(layout, name, actual)
-            report(Event("finish", name, data={"status": "ok", "sha1": actual,
-                                               "stage": "verify"}))
+            report(Event("finish", name, data={"status": "ok", "sha1": actual, "stage": "verify"}))
             return ArchiveCheck(name, "ok", expected, actual, size)
         clear_verified(layout, name)
-        report(Event("fail", name, data={
-            "error": f"{name}: SHA1 mismatch: expected {expected}, got {actual}",
-            "exit_code": int(ExitCode.CHECKSUM), "stage": "verify"}))
+        report(
+            Event(
+                "fail",
+                name,
+                data={
+                    "error": f"{name}: SHA1 mismatch: expected {expected}, got {actual}",
+                    "exit_code": int(ExitCode.CHECKSUM),
+                    "stage": "verify",
+                },
+            )
+        )
         return ArchiveCheck(name, "mismatch", expected, actual, size)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="verify") as pool:
@@ -258,8 +270,11 @@ def deep_check(
     report(Event("start", arch, total=total, data={"stage": "deep-check", "verb": "check"}))
     last = 0
     try:
-        with fh, gz.open_gzip_stream(fh, name=arch, backend=backend) as stream, \
-                tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BUFSIZE) as tar:
+        with (
+            fh,
+            gz.open_gzip_stream(fh, name=arch, backend=backend) as stream,
+            tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BUFSIZE) as tar,
+        ):
             members = getattr(tar, "members", None)
             while True:
                 if cancel is not None and cancel.is_set():
@@ -306,8 +321,13 @@ def deep_check(
             if p and p not in seen:
                 add("missing", m.name, "listed but not in the archive")
     status = "ok" if not problems else "failed"
-    report(Event("finish", arch, data={"status": status, "stage": "deep-check",
-                                       "problems": len(problems)}))
+    report(
+        Event(
+            "finish",
+            arch,
+            data={"status": status, "stage": "deep-check", "problems": len(problems)},
+        )
+    )
     return problems
 
 
@@ -385,8 +405,9 @@ def audit_tree(
                 problems.append(Problem("size", path, arch, "not a regular file"))
                 continue
             if st.st_size != m.size:
-                problems.append(Problem("size", path, arch,
-                                        f"{st.st_size} bytes on disk, {m.size} listed"))
+                problems.append(
+                    Problem("size", path, arch, f"{st.st_size} bytes on disk, {m.size} listed")
+                )
                 continue
             if hash:
                 rec = receipt.members.get(path) if receipt is not None else None
@@ -408,8 +429,9 @@ def _hash_all(
             sizes[i[2]] = os.path.getsize(i[2])
         except OSError:
             sizes[i[2]] = 0
-    report(Event("start", "tree", total=sum(sizes.values()),
-                 data={"stage": "audit", "verb": "hash"}))
+    report(
+        Event("start", "tree", total=sum(sizes.values()), data={"stage": "audit", "verb": "hash"})
+    )
 
     def one(item: tuple[str, str, Path, str]) -> Problem | None:
         arch, path, full, recorded = item
@@ -426,8 +448,9 @@ def _hash_all(
 
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="audit") as pool:
         found = [p for p in pool.map(one, items) if p is not None]
-    report(Event("finish", "tree", data={"status": "ok" if not found else "failed",
-                                         "stage": "audit"}))
+    report(
+        Event("finish", "tree", data={"status": "ok" if not found else "failed", "stage": "audit"})
+    )
     return found
 
 
@@ -475,4 +498,3 @@ def _extras(root: Path, listings: Mapping[str, Listing]) -> list[Problem]:
 
 def checks_exit_code(checks: Iterable[ArchiveCheck]) -> int:
     return max((c.exit_code for c in checks), default=0)
-
