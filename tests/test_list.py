@@ -116,3 +116,23 @@ def test_unreachable_server_exit_4(tmp_path: Path) -> None:
     r = bimcv("list", "--server", "http://127.0.0.1:9", "--dest", tmp_path / "d", timeout=60)
     assert r.code == 4
     assert "cannot reach" in r.err
+
+
+def test_token_never_in_errors(tmp_path: Path) -> None:
+    secret = "Very-Secret-Token-123"
+    for proto in ("webdav", "dav", "https"):
+        r = bimcv(
+            "list",
+            "--server",
+            "http://127.0.0.1:9",
+            "--dest",
+            tmp_path / proto,
+            "--token",
+            secret,
+            "--protocol",
+            proto,
+            "-v",
+            timeout=60,
+        )
+        assert r.code == 4
+        assert secret not in r.err and secret not in r.out

@@ -5,6 +5,7 @@ The only module that imports click. It never touches sockets or tar members.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -1146,6 +1147,36 @@ def _wants_traceback(argv: list[str]) -> bool:
     return any(a in ("-v", "--verbose") for a in argv)
 
 
+def _secrets(argv: list[str]) -> list[str]:
+    """Every token this run may know: never shown, not even in a -v traceback."""
+    from urllib.parse import quote
+
+    found = [os.environ.get(ENV + "TOKEN", ""), os.environ.get(ENV + "PASSWORD", "")]
+    for i, a in enumerate(argv):
+        if a in ("--token", "--password") and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif a.startswith(("--token=", "--password=")):
+            found.append(a.split("=", 1)[1])
+    with contextlib.suppress(BimcvError):
+        found += [r.token for r in load_catalog().releases.values()]
+    out = {t for t in found if len(t) >= 4}
+    out |= {quote(t, safe="") for t in out}
+    return sorted(out, key=len, reverse=True)
+
+
+def _say_error(text: str, argv: list[str], verbose: bool) -> None:
+    secrets = _secrets(argv)
+
+    def clean(t: str) -> str:
+        for secret in secrets:
+            t = t.replace(secret, "***")
+        return t
+
+    if verbose:
+        click.echo(clean(traceback.format_exc()).rstrip(), err=True)
+    click.echo(clean(text), err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = _wants_traceback(args)
@@ -1160,24 +1191,19 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except BimcvError as exc:
-        if verbose:
-            traceback.print_exc()
-        click.echo(f"bimcv-fetch: error: {exc}", err=True)
+        _say_error(f"bimcv-fetch: error: {exc}", args, verbose)
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
         click.echo("bimcv-fetch: interrupted", err=True)
         sys.exit(ExitCode.INTERRUPTED)
     except OSError as exc:
-        if verbose:
-            traceback.print_exc()
-        click.echo(f"bimcv-fetch: error: {exc}", err=True)
+        _say_error(f"bimcv-fetch: error: {exc}", args, verbose)
         sys.exit(ExitCode.DISK)
     except Exception as exc:  # the last line of defence: one line, exit 1
-        if verbose:
-            traceback.print_exc()
-        click.echo(
+        _say_error(
             f"bimcv-fetch: unexpected error: {type(exc).__name__}: {exc} (rerun with -v)",
-            err=True,
+            args,
+            verbose,
         )
         sys.exit(ExitCode.UNEXPECTED)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -287,6 +287,10 @@ def _one(
             return 0, hook.extract_local() if hook is not None else 0
         report(Event("finish", info.name, data={"status": "mismatch, fetching again"}))
         path.unlink()
+    if item.action in ("fetch", "resume") and is_verified(layout, info.name, info.sha1):
+        # Another run (or shard) finished it between our plan and our lock.
+        report(Event("finish", info.name, data={"status": "already done by another run"}))
+        return 0, hook.extract_local() if hook is not None else 0
     if item.action == "extract":
         assert hook is not None
         report(Event("message", data={"text": f"extracting {info.name} (already downloaded)"}))

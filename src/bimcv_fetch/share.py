@@ -148,11 +148,11 @@ def list_share(share: Share, session: requests.Session) -> list[RemoteFile]:
         )
     except requests.exceptions.SSLError as exc:
         raise NetworkError(
-            f"TLS error talking to {share.base}: {_short(exc)}",
+            f"TLS error talking to {share.base}: {share.redact(_short(exc))}",
             hint="pass --ca-bundle FILE if the server uses a private CA",
         ) from exc
     except requests.RequestException as exc:
-        raise NetworkError(f"cannot reach {share.base}: {_short(exc)}") from exc
+        raise NetworkError(f"cannot reach {share.base}: {share.redact(_short(exc))}") from exc
     check_status(share, r, "share listing")
     if r.status_code != 207:
         raise NetworkError(f"share listing: expected 207 Multi-Status, got {r.status_code}")
