@@ -1,0 +1,233 @@
+"""Options every command shares, the settings they make, and small CLI helpers."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from bimcv_fetch.catalog import Selection, load_catalog
+from bimcv_fetch.errors import ConfigError
+from bimcv_fetch.mids import Selector, parse_subjects, parse_subset
+from bimcv_fetch.progress import json_line
+from bimcv_fetch.share import DEFAULT_SERVER, PROTOCOLS, Protocol, Share
+from bimcv_fetch.store import Layout
+
+F = TypeVar("F", bound=Callable[..., Any])
+ENV = "BIMCV_FETCH_"
+
+
+# ------------------------------------------------------------------ settings
+
+
+@dataclass
+class Settings:
+    dest: Path
+    out: Path | None
+    server: str
+    token: str | None
+    password: str
+    protocol: Protocol
+    ca_bundle: str | None
+    json: bool
+    quiet: bool
+    verbose: bool
+    release: str | None
+    iterations: str | None
+    timeout: float = 30.0
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.dest, self.out)
+
+    @functools.cached_property
+    def selection(self) -> Selection:
+        return load_catalog().select(iterations=self.iterations, release=self.release)
+
+    def share(self) -> Share:
+        token = self.token or self.selection.release.token
+        verify: bool | str = True
+        if self.ca_bundle:
+            if not Path(self.ca_bundle).is_file():
+                raise ConfigError(f"--ca-bundle {self.ca_bundle}: no such file")
+            verify = self.ca_bundle
+        return Share(
+            server=self.server,
+            token=token,
+            password=self.password,
+            protocol=self.protocol,
+            verify=verify,
+            timeout=self.timeout,
+        )
+
+    def selector(self, subset: str | None, subjects: tuple[str, ...] = ()) -> Selector:
+        sel = self.selection
+        return Selector(
+            subset=parse_subset(subset),
+            subjects=parse_subjects(subjects),
+            release=sel.release,
+            iterations=sel.iterations,
+        )
+
+    # human output: messages to stderr; results to stdout unless --json
+    def note(self, text: str) -> None:
+        if not self.quiet and not self.json:
+            click.echo(text, err=True)
+
+    def event(self, obj: dict[str, Any]) -> None:
+        if self.json:
+            json_line(obj)
+
+
+def common_options(func: F) -> F:
+    """The options every command accepts, after the command name."""
+    options = [
+        click.option(
+            "--dest",
+            type=click.Path(path_type=Path),
+            envvar=ENV + "DEST",
+            default=Path("bimcv-covid19"),
+            show_default=True,
+            help="Dataset folder: archives/, manifests/, the MIDS tree.",
+        ),
+        click.option(
+            "--server",
+            envvar=ENV + "SERVER",
+            default=DEFAULT_SERVER,
+            show_default=True,
+            help="Nextcloud server holding the share.",
+        ),
+        click.option(
+            "--token",
+            envvar=ENV + "TOKEN",
+            default=None,
+            help="Share token (default: the release's, from the catalog).",
+        ),
+        click.option(
+            "--password",
+            envvar=ENV + "PASSWORD",
+            default="",
+            help="Share password, if the share has one.",
+        ),
+        click.option(
+            "--protocol",
+            type=click.Choice(PROTOCOLS),
+            envvar=ENV + "PROTOCOL",
+            default="webdav",
+            show_default=True,
+            help="webdav (legacy public WebDAV), dav (v2) or https (share link).",
+        ),
+        click.option(
+            "--ca-bundle",
+            envvar=ENV + "CA_BUNDLE",
+            default=None,
+            help="CA certificates (PEM) to verify the server with.",
+        ),
+        click.option(
+            "--release",
+            "release",
+            envvar=ENV + "RELEASE",
+            default=None,
+            help="Release id (posi-1, posi-1-2, posi-1-2-3, neg-1-2).",
+        ),
+        click.option(
+            "--iter",
+            "iterations",
+            envvar=ENV + "ITER",
+            default=None,
+            help="Iterations, e.g. 1,2 (picks the release).",
+        ),
+        click.option(
+            "--json",
+            "json_mode",
+            is_flag=True,
+            help="JSON lines on stdout, ending with a summary line.",
+        ),
+        click.option("-q", "--quiet", is_flag=True, help="No progress or notes."),
+        click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors."),
+    ]
+    for opt in reversed(options):
+        func = opt(func)
+
+    @functools.wraps(func)
+    def wrapper(**kw: Any) -> Any:
+        settings = Settings(
+            dest=kw.pop("dest"),
+            out=None,
+            server=kw.pop("server"),
+            token=kw.pop("token"),
+            password=kw.pop("password"),
+            protocol=kw.pop("protocol"),
+            ca_bundle=kw.pop("ca_bundle"),
+            json=kw.pop("json_mode"),
+            quiet=kw.pop("quiet"),
+            verbose=kw.pop("verbose"),
+            release=kw.pop("release"),
+            iterations=kw.pop("iterations"),
+        )
+        return func(settings, **kw)
+
+    return wrapper  # type: ignore[return-value]
+
+
+subset_option = click.option(
+    "--subset",
+    default=None,
+    envvar=ENV + "SUBSET",
+    help="Modalities to keep: CT, CR, DX or a list such as CR,DX (default: all).",
+)
+
+
+def load_index_for(
+    s: Settings, share: Share | None, *, offline: bool = False, with_listings: bool = True
+) -> Any:
+    from bimcv_fetch.index import load_index
+    from bimcv_fetch.share import new_session
+
+    session = None if offline else new_session()
+    try:
+        return load_index(
+            s.selection,
+            s.layout,
+            share=share,
+            session=session,
+            offline=offline,
+            with_listings=with_listings,
+            note=s.note,
+        )
+    finally:
+        if session is not None:
+            session.close()
+
+
+def close_reporter(reporter: Any) -> None:
+    close = getattr(reporter, "close", None)
+    if callable(close):
+        close()
+
+
+class terminate_as_interrupt:
+    """SIGTERM (SLURM's scancel, kill) stops as cleanly as Ctrl-C."""
+
+    def __enter__(self) -> None:
+        import signal
+
+        self._old = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
