@@ -20,7 +20,8 @@ class Event:
     Kinds used by the core:
       overall    total=bytes to transfer in all, data["files"]=count
       start      name, total=expected size, done=bytes already on disk
-      advance    name, done=bytes added since the last advance
+      advance    name, done=bytes added since the last advance (negative when a
+                 transfer restarts from zero and throws bytes away)
       retry      name, data["reason"], data["delay"]
       finish     name, data["status"] ("ok", "skipped", "failed"), data["sha1"]
       fail       name, data["error"], data["exit_code"]
