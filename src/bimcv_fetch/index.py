@@ -151,7 +151,7 @@ def load_index(
         if not cached_remote:
             raise ConfigError(
                 f"no cached share listing in {layout.manifests}",
-                hint="run once without --offline to fetch the manifests",
+                hint="run `bimcv-fetch list` once, online, to fetch and cache them",
             )
         remote = cached_remote
     else:
