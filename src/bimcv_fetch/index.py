@@ -14,8 +14,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import requests
+if TYPE_CHECKING:  # requests is imported where it is used: offline commands start faster
+    import requests
 
 from bimcv_fetch.catalog import Release, Selection
 from bimcv_fetch.errors import ChecksumError, ConfigError, NetworkError
@@ -71,6 +73,8 @@ class ReleaseIndex:
 
 def _get_small(share: Share, session: requests.Session, name: str, attempts: int = 4) -> bytes:
     """GET a small manifest file, with a short retry on 429/5xx and connection errors."""
+    import requests
+
     url = share.file_url(name, "dav" if share.protocol == "dav" else "webdav")
     delay = 1.0
     last = ""

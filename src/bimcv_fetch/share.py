@@ -12,10 +12,11 @@ from __future__ import annotations
 import email.utils
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote, unquote, urlsplit
 
-import requests
+if TYPE_CHECKING:  # requests is imported where it is used: offline commands start faster
+    import requests
 
 from bimcv_fetch import __version__
 from bimcv_fetch.errors import ConfigError, NetworkError
@@ -100,6 +101,8 @@ class Share:
 
 
 def new_session(pool_size: int = 10) -> requests.Session:
+    import requests
+
     s = requests.Session()
     s.trust_env = False  # no proxies or CA bundle from the environment: verify= decides
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
@@ -134,6 +137,8 @@ def check_status(share: Share, response: requests.Response, what: str) -> None:
 
 def list_share(share: Share, session: requests.Session) -> list[RemoteFile]:
     """PROPFIND Depth 1 on the share root (legacy WebDAV unless --protocol dav)."""
+    import requests
+
     proto: Protocol = "dav" if share.protocol == "dav" else "webdav"
     url = share.root_url(proto)
     try:
