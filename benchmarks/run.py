@@ -18,8 +18,10 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -83,6 +85,31 @@ def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BIMCV_FETCH_")}
     env.setdefault("LC_ALL", "C.UTF-8")
     return env
+
+
+# The anchors and the web server, by the Debian package that brings each.
+TOOLS = {
+    "nginx": "nginx",
+    "aria2c": "aria2",
+    "pigz": "pigz",
+    "curl": "curl",
+    "openssl": "openssl",
+    "/usr/bin/time": "time",
+}
+
+
+def install_tools(echo: Callable[[str], None]) -> None:
+    """On a fresh machine, install what the benchmark needs (root and apt-get only)."""
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        echo(f"missing {', '.join(missing)}; install them (apt-get install -y ...)")
+        return
+    echo(f"installing {', '.join(missing)} with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=False, env=env, timeout=900)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     def echo(msg: str) -> None:
         print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", flush=True)
 
+    install_tools(echo)
     missing = [t for t in ("nginx", "bash", "xargs") if shutil.which(t) is None]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: apt-get install -y nginx aria2 pigz")
