@@ -29,8 +29,10 @@ Library code here never prints; it logs to the ``bimcv_fetch.server`` logger
 
 from __future__ import annotations
 
-from bimcv_fetch.server.app import RequestLog, RequestRecord, ShareApp, ShareServer
+from bimcv_fetch.server.app import ShareApp
 from bimcv_fetch.server.faults import Fault, FaultKind, FaultPlan
+from bimcv_fetch.server.request_log import RequestLog, RequestRecord
+from bimcv_fetch.server.runner import ShareServer
 from bimcv_fetch.server.sample import SampleMember, SampleRelease, build_sample
 from bimcv_fetch.server.tls import TlsFiles, make_tls_files
 
