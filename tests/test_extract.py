@@ -971,3 +971,21 @@ def test_download_hook_recovers_from_stale_files(tmp_path: Path) -> None:
     hook.commit(SHA)
     assert tree_files(layout.tree) == files_of(a)
     assert X.receipt_covers(layout, "x.tar.gz", sel(None), listing=listing_of(a))
+
+
+def test_temp_names_tell_live_writers_from_stale_ones(tmp_path: Path) -> None:
+    """Parallel archives share folders: a finishing one must not remove another's temp file."""
+    import subprocess
+
+    from bimcv_fetch.extract import is_stale_temp, temp_path
+
+    mine = temp_path(tmp_path / "participants.tsv").name
+    assert mine.startswith(".participants.tsv.") and mine.endswith(".bimcv-tmp")
+    assert not is_stale_temp(mine)  # this process: another thread may be writing it
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host_tag = mine.split(".")[-2].rpartition("-")[0]
+    assert is_stale_temp(f".participants.tsv.{host_tag}-{dead.pid}.bimcv-tmp")
+    assert not is_stale_temp(".participants.tsv.otherhost-1.bimcv-tmp")
+    assert is_stale_temp(".participants.tsv.bimcv-tmp")  # the old form: nobody owns it
+    assert not is_stale_temp("participants.tsv")

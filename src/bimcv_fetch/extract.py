@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import importlib
 import os
+import socket
 import stat
 import tarfile
 import threading
@@ -117,13 +118,46 @@ RECEIPT_INTERVAL = 2.0  # seconds between incremental receipt writes (at least)
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
 
+def _writer_tag() -> str:
+    """Who writes a temporary file: host and pid, so a cleaner can tell live from stale."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-_")[:32] or "host"
+    return f"{host}-{os.getpid()}"
+
+
 def temp_path(final: Path) -> Path:
-    """Where a member is written before it is renamed to ``final``."""
-    name = f".{final.name}{TMP_SUFFIX}"
+    """Where a member is written before it is renamed to ``final``.
+
+    ``.NAME.HOST-PID.bimcv-tmp``: unique to this process, so two archives (or
+    two hosts sharing the tree) never write the same temporary file, and
+    :func:`is_stale_temp` can leave a live writer's files alone.
+    """
+    tag = _writer_tag()
+    name = f".{final.name}.{tag}{TMP_SUFFIX}"
     if len(name.encode("utf-8", "surrogateescape")) > 255:
-        name = f".{hashlib.sha1(final.name.encode('utf-8', 'surrogateescape')).hexdigest()}"
-        name += TMP_SUFFIX
+        digest = hashlib.sha1(final.name.encode("utf-8", "surrogateescape")).hexdigest()
+        name = f".{digest}.{tag}{TMP_SUFFIX}"
     return final.with_name(name)
+
+
+def is_stale_temp(file_name: str) -> bool:
+    """A temporary file of a writer that is gone (a dead process on this host)."""
+    if not (file_name.startswith(".") and file_name.endswith(TMP_SUFFIX)):
+        return False
+    tag = file_name[: -len(TMP_SUFFIX)].rpartition(".")[2]
+    host, _, pid_text = tag.rpartition("-")
+    mine = _writer_tag().rpartition("-")[0]
+    if not pid_text.isdigit() or host != mine:
+        return not pid_text.isdigit()  # an old-style name: nobody owns it any more
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # another thread of this process may be writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 # ------------------------------------------------------------------ the extraction
@@ -432,11 +466,7 @@ class Extraction:
             except OSError:
                 continue
             for e in entries:
-                if (
-                    e.name.startswith(".")
-                    and e.name.endswith(TMP_SUFFIX)
-                    and (e.is_file(follow_symlinks=False) or e.is_symlink())
-                ):
+                if is_stale_temp(e.name) and (e.is_file(follow_symlinks=False) or e.is_symlink()):
                     with contextlib.suppress(OSError):
                         os.unlink(e.path)
 
