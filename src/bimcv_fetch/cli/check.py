@@ -10,9 +10,14 @@ import click
 from bimcv_fetch.cli.app import cli
 from bimcv_fetch.cli.common import (
     Settings,
+    archives_option,
     close_reporter,
     common_options,
+    jobs_option,
     load_index_for,
+    out_option,
+    split_names,
+    subjects_option,
     subset_option,
     terminate_as_interrupt,
 )
@@ -30,13 +35,8 @@ from bimcv_fetch.progress import json_line, make_reporter
 @click.option("--tree", is_flag=True, help="Audit the extracted MIDS tree (no archive needed).")
 @click.option("--hash", "hash_", is_flag=True, help="With --tree: compare file contents too.")
 @click.option("--force", is_flag=True, help="Rehash archives already proven by a stamp.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 32), default=2, show_default=True)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where the MIDS tree is (default: DEST).",
-)
+@jobs_option(2, "Archives hashed")
+@out_option
 def verify_cmd(
     s: Settings,
     subset: str | None,
@@ -163,18 +163,13 @@ def _print_problems(s: Settings, problems: list[Any]) -> None:
 @cli.command("extract")
 @common_options
 @subset_option
-@click.option("--subjects", multiple=True, help="Only these subjects (repeat or comma-separate).")
-@click.option("--archives", "archive_names", multiple=True, help="Only these archives.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 32), default=2, show_default=True)
+@subjects_option
+@archives_option
+@jobs_option(2, "Archives extracted")
 @click.option(
     "--delete-archives", is_flag=True, help="Remove each archive once its receipt is written."
 )
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where the MIDS tree goes (default: DEST).",
-)
+@out_option
 def extract_cmd(
     s: Settings,
     subset: str | None,
@@ -193,7 +188,7 @@ def extract_cmd(
     selector = s.selector(subset, subjects)
     index = load_index_for(s, None, offline=True)
     layout = s.layout
-    names = [n.strip() for v in archive_names for n in v.split(",") if n.strip()]
+    names = split_names(archive_names)
     unknown = [n for n in names if n not in index.archives]
     if unknown:
         raise ConfigError(f"--archives: not in the release: {', '.join(unknown)}")

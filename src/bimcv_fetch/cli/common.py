@@ -231,3 +231,42 @@ class terminate_as_interrupt:
 
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+
+
+def out_option(func: F) -> F:
+    """``--out DIR``: where the MIDS tree is (default: DEST)."""
+    opt = click.option(
+        "--out",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Where the MIDS tree goes (default: DEST).",
+    )
+    return opt(func)
+
+
+def jobs_option(default: int, what: str) -> Callable[[F], F]:
+    return click.option(
+        "-j",
+        "--jobs",
+        type=click.IntRange(1, 32),
+        default=default,
+        show_default=True,
+        envvar=ENV + "JOBS",
+        help=f"{what} at once.",
+    )
+
+
+subjects_option = click.option(
+    "--subjects", multiple=True, help="Only these subjects (repeat, or comma-separate)."
+)
+archives_option = click.option(
+    "--archives",
+    "archive_names",
+    multiple=True,
+    help="Only these archives (repeat, or comma-separate).",
+)
+
+
+def split_names(values: tuple[str, ...]) -> list[str]:
+    """``("a,b", "c")`` → ``["a", "b", "c"]``."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]

@@ -11,11 +11,15 @@ import click
 from bimcv_fetch.catalog import load_catalog
 from bimcv_fetch.cli.app import cli
 from bimcv_fetch.cli.common import (
-    ENV,
     Settings,
+    archives_option,
     close_reporter,
     common_options,
+    jobs_option,
     load_index_for,
+    out_option,
+    split_names,
+    subjects_option,
     subset_option,
     terminate_as_interrupt,
 )
@@ -183,22 +187,9 @@ def status_cmd(s: Settings) -> int:
 @cli.command("download")
 @common_options
 @subset_option
-@click.option(
-    "--archives",
-    "archive_names",
-    multiple=True,
-    help="Only these archives (repeat, or comma-separate).",
-)
-@click.option("--subjects", multiple=True, help="Only these subjects (with --extract).")
-@click.option(
-    "-j",
-    "--jobs",
-    type=click.IntRange(1, 32),
-    default=3,
-    show_default=True,
-    envvar=ENV + "JOBS",
-    help="Archives transferred at once.",
-)
+@archives_option
+@subjects_option
+@jobs_option(3, "Archives transferred")
 @click.option("--shard", default=None, help="Take the K-th of N stable, size-balanced parts: K/N.")
 @click.option("--limit-rate", default=None, help="Cap the total rate, e.g. 50M (bytes/s).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; move no byte.")
@@ -216,12 +207,7 @@ def status_cmd(s: Settings) -> int:
     is_flag=True,
     help="Extract the wanted members while the bytes land (one pass).",
 )
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where the MIDS tree goes (default: DEST).",
-)
+@out_option
 def download_cmd(
     s: Settings,
     subset: str | None,
@@ -252,7 +238,7 @@ def download_cmd(
     selector = s.selector(subset, subjects)
     shard_kn = parse_shard(shard)
     rate = parse_rate(limit_rate) if limit_rate else None
-    names = [n.strip() for v in archive_names for n in v.split(",") if n.strip()]
+    names = split_names(archive_names)
     share = s.share()
     s.note(f"release {s.selection.describe()}")
     index = load_index_for(s, share)
