@@ -1,9 +1,8 @@
 """The Python API, ``bimcv_fetch.download(...)``, against the local HTTPS share server.
 
 The package-level ``bimcv_fetch.download`` is a lazy wrapper around
-``bimcv_fetch.api.download``; most tests call the latter directly because the
-wrapper is clobbered by the ``bimcv_fetch.download`` submodule once that is
-imported (see ``test_package_level_download_stays_callable``).
+``bimcv_fetch.api.download``; ``test_package_level_download_stays_callable``
+checks that no submodule import ever hides it.
 """
 
 from __future__ import annotations
@@ -142,6 +141,8 @@ def test_errors_are_raised_with_an_exit_code(
 _TWICE = """
 import sys
 
+import bimcv_fetch
+
 url, ca, dest = sys.argv[1:]
 for run in (1, 2):
     results = bimcv_fetch.download(dest, server=url, ca_bundle=ca, subset="CT", progress=False)
@@ -150,15 +151,6 @@ print("both calls worked")
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: bimcv_fetch/__init__.py defines download() as a lazy wrapper, but the first "
-        "call imports bimcv_fetch.api, which imports the submodule bimcv_fetch.download; "
-        "the import system then rebinds the package attribute `download` to that module, "
-        "so a second bimcv_fetch.download(...) raises TypeError: 'module' object is not callable"
-    ),
-)
 def test_package_level_download_stays_callable(
     https_share_server: ShareServer, tls_files: TlsFiles, tmp_path: Path
 ) -> None:
@@ -173,7 +165,8 @@ def test_package_level_download_stays_callable(
     )
     assert r.returncode == 0, r.stderr
     assert "both calls worked" in r.stdout
-    # The same in this process: importing the submodule must not hide the function.
-    import bimcv_fetch.download
+    # The same in this process: importing the modules behind it must not hide the function.
+    import bimcv_fetch.api
+    import bimcv_fetch.scheduler
 
     assert callable(bimcv_fetch.download)

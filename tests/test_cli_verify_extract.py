@@ -529,14 +529,6 @@ def test_extract_subset_gives_exactly_the_selection(
         assert len(want) < len(expected_files(sample_release, None))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: progress.py PlainReporter.__call__ formats start lines as "
-        "f'{verb:<7}{e.name}': the 7-letter verb 'extract' runs into the archive name "
-        "('extractcovid19_posi_…'); f'{verb:<6} {e.name}' keeps the other columns"
-    ),
-)
 def test_plain_progress_separates_verb_and_name(dest: Path) -> None:
     r = bimcv("extract", "--dest", dest, "--subset", "CT")
     assert r.code == 0, r.err

@@ -239,3 +239,15 @@ def test_stale_lock_of_dead_process_is_taken_over(
     r = bimcv("download", *_opts(share_server, dest))
     assert r.code == 0, r.err
     _assert_all_archives(sample_release, dest)
+
+
+def test_extract_of_archives_not_downloaded_is_exit_3(
+    share_server: ShareServer, sample_release: SampleRelease, tmp_path: Path
+) -> None:
+    dest = tmp_path / "d"
+    assert bimcv("download", *_opts(share_server, dest), "--subset", "CT").code == 0
+    ct = bimcv("extract", "--dest", dest, "--subset", "CT")
+    assert ct.code == 0, ct.err
+    everything = bimcv("extract", "--dest", dest, "--json")
+    assert everything.code == 3
+    assert everything.summary()["not_downloaded"] == [sample_release.no_ct_archive]

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from bimcv_fetch.catalog import load_catalog
-from bimcv_fetch.download import (
+from bimcv_fetch.events import Reporter
+from bimcv_fetch.index import load_index
+from bimcv_fetch.mids import Selector, parse_subjects, parse_subset
+from bimcv_fetch.scheduler import (
     ArchiveResult,
     DownloadOptions,
     ExtractorFactory,
@@ -21,9 +24,6 @@ from bimcv_fetch.download import (
     make_plan,
     run_download,
 )
-from bimcv_fetch.events import Reporter
-from bimcv_fetch.index import load_index
-from bimcv_fetch.mids import Selector, parse_subjects, parse_subset
 from bimcv_fetch.share import DEFAULT_SERVER, Protocol, Share, new_session
 from bimcv_fetch.store import Layout
 from bimcv_fetch.transfer import TransferOptions

@@ -1,7 +1,7 @@
 """What ``download --extract`` plugs into a transfer for each archive.
 
 :func:`extract_hook_factory` makes one :class:`DownloadExtractHook` per archive
-(see ``download.ExtractHook``): it extracts while the bytes land
+(see ``scheduler.ExtractHook``): it extracts while the bytes land
 (:class:`~bimcv_fetch.extract_stream.StreamingExtractor`) or, for an archive
 already on disk and verified, with :func:`~bimcv_fetch.extract.extract_archive`.
 """
@@ -42,7 +42,7 @@ def cached_listing(layout: Layout, name: str) -> Listing | None:
 
 
 class DownloadExtractHook:
-    """One archive's extraction inside ``download --extract`` (see download.ExtractHook).
+    """One archive's extraction inside ``download --extract`` (see scheduler.ExtractHook).
 
     ``consumer`` (created on first use) extracts while the bytes land;
     ``commit(sha1)``/``discard()`` follow the SHA1 check; ``extract_local()``
@@ -134,7 +134,7 @@ def extract_hook_factory(
     """What ``download --extract`` calls per archive: ``factory(name, sha1) -> hook``.
 
     The hooks are :class:`DownloadExtractHook` objects (typed ``Any`` here because
-    ``download.ExtractHook`` is a nominal class that this core module does not import).
+    ``scheduler.ExtractHook`` is a nominal class that this core module does not import).
 
     Listings come from ``listings`` or the manifest cache in ``layout``; a
     missing one raises ConfigError (nothing is extracted without its listing).

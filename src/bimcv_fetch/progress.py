@@ -98,7 +98,7 @@ class PlainReporter:
                 resumed = ""
                 if e.done and verb == "fetch":
                     resumed = f", resuming at {human_bytes(e.done)}"
-                self._say(f"{verb:<7}{e.name} ({human_bytes(e.total)}{resumed})")
+                self._say(f"{verb:<6} {e.name} ({human_bytes(e.total)}{resumed})")
             elif e.kind == "advance":
                 self._done[e.name] = self._done.get(e.name, 0) + e.done
                 now = time.monotonic()

@@ -251,6 +251,8 @@ def extract_cmd(
                 }
             )
     needed_absent = [n for n in absent if index.listing(n) is None or _holds(index, n, selector)]
+    if needed_absent:
+        codes.append(int(ExitCode.CONFIG))  # asked for, but there is nothing to extract it from
     code = worst(codes)
     summary = {
         "event": "summary",

@@ -223,14 +223,14 @@ def download_cmd(
     out: Path | None,
 ) -> int:
     """Fetch a release's archives: resumable, parallel, SHA1-checked."""
-    from bimcv_fetch.download import (
+    from bimcv_fetch.plan import parse_shard
+    from bimcv_fetch.scheduler import (
         DownloadOptions,
         check_space,
         exit_code,
         make_plan,
         run_download,
     )
-    from bimcv_fetch.plan import parse_shard
     from bimcv_fetch.share import new_session
     from bimcv_fetch.transfer import TransferOptions, parse_rate
 
