@@ -127,6 +127,7 @@ def sample_cmd(
     default=None,
     help="A fault plan (JSON or TOML) for testing clients.",
 )
+@click.option("--json", "json_mode", is_flag=True, help="One JSON line with URL and token.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request (token masked).")
 def serve_cmd(
     folder: Path,
@@ -141,6 +142,7 @@ def serve_cmd(
     share_link: str,
     rate_limit: str | None,
     faults_file: Path | None,
+    json_mode: bool,
     verbose: bool,
 ) -> int:
     """Serve a folder like b2drop's public share (a sample release or a mirror).
@@ -180,6 +182,19 @@ def serve_cmd(
         faults=FaultPlan.from_file(faults_file) if faults_file else None,
     )
     server.start()
+    if json_mode:
+        json_line(
+            {
+                "event": "serving",
+                "url": server.url,
+                "token": tok,
+                "folder": str(folder),
+                "ca": str(ca) if ca is not None else None,
+                "password": bool(password),
+            }
+        )
+        server.serve_forever()
+        return 0
     click.echo(f"serving {folder} at {server.url}")
     click.echo(f"token: {tok}" + (" (password protected)" if password else ""))
     if ca is not None:
