@@ -5,14 +5,16 @@ stream (bad header, bad deflate data, CRC or length mismatch, truncation,
 trailing garbage) into :class:`~bimcv_fetch.errors.CorruptArchiveError`:
 
 * :func:`open_gzip_stream` - a pull-style binary reader over a file object
-  (``extract`` and ``verify --deep`` read archives on disk with it);
+  (``extract`` and ``verify --deep`` read archives on disk with it), whose
+  ``read_chunk()`` hands out the decoder's output buffers without a copy;
 * :class:`GzipDecoder` - a push-style incremental decoder (``download
   --extract`` feeds it the bytes as they arrive) whose output comes in bounded
   pieces, so memory stays flat whatever the compression ratio.
 
 Measured on this project's benchmark (see the extract/verify report): isal
-inflates 1.8-2.7x faster than zlib on archive-like data, and
-``igzip_threaded`` overlaps inflating with the tar parsing and file writes.
+inflates 1.8-2.7x faster than zlib on archive-like data (about as fast on
+incompressible data), and the ``isal-threaded`` reader overlaps inflating with
+the tar parsing and file writes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import gzip
 import importlib
 import io
+import queue
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol, cast
@@ -27,14 +31,12 @@ from typing import Any, BinaryIO, Protocol, cast
 from bimcv_fetch.errors import CorruptArchiveError
 
 _igzip: Any = None
-_igzip_threaded: Any = None
 _isal_zlib: Any = None
 try:  # the ``fast`` extra (python-isal)
     _igzip = importlib.import_module("isal.igzip")
-    _igzip_threaded = importlib.import_module("isal.igzip_threaded")
     _isal_zlib = importlib.import_module("isal.isal_zlib")
 except ImportError:  # pragma: no cover - exercised where isal is missing
-    _igzip = _igzip_threaded = _isal_zlib = None
+    _igzip = _isal_zlib = None
 
 OUT_CHUNK = 1 << 20  # largest piece of output the push decoder returns at once
 BACKENDS = ("isal-threaded", "isal", "zlib")
@@ -71,35 +73,138 @@ def _corrupt(name: str, exc: BaseException) -> CorruptArchiveError:
 
 # ------------------------------------------------------------------ pull
 
+PULL_BUFFERS = 3  # output buffers of the threaded reader: inflating runs up to 2 MiB ahead
+_IN_BUFFER = 1 << 20  # compressed bytes read at a time by the isal reader
+
+
+class _Inflater:
+    """Decompressed chunks: ``fill(buffer) -> n`` called in this thread or in a helper thread.
+
+    ``next()`` returns a view of one of ``buffers`` reusable output buffers,
+    valid until the following ``next()`` call (empty at the end). With
+    ``threaded`` a helper thread fills the other buffers meanwhile (isal and
+    zlib release the GIL while they inflate); its errors are raised by the
+    ``next()`` that reaches them, so a reader that stops early never sees an
+    error in bytes it did not need.
+    """
+
+    def __init__(
+        self,
+        fill: Callable[[memoryview], int],
+        *,
+        name: str,
+        threaded: bool,
+        buffers: int = PULL_BUFFERS,
+        size: int = OUT_CHUNK,
+    ) -> None:
+        self._fill = fill
+        self._name = name
+        self._done = False
+        self._held: memoryview | None = None
+        self._views = [memoryview(bytearray(size)) for _ in range(buffers if threaded else 1)]
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._free: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+            self._full: queue.SimpleQueue[tuple[memoryview, int] | BaseException] = (
+                queue.SimpleQueue()
+            )
+            for v in self._views:
+                self._free.put(v)
+            self._stop = False
+            self._thread = threading.Thread(target=self._work, name="gunzip", daemon=True)
+            self._thread.start()
+
+    def _call(self, view: memoryview) -> int:
+        try:
+            return self._fill(view) or 0
+        except _DECODE_ERRORS as exc:
+            raise _corrupt(self._name, exc) from exc
+
+    def _work(self) -> None:
+        while True:
+            view = self._free.get()
+            if view is None or self._stop:
+                return
+            try:
+                n = self._call(view)
+            except BaseException as exc:  # handed to the reader
+                self._full.put(exc)
+                return
+            self._full.put((view, n))
+            if not n:
+                return
+
+    def next(self) -> memoryview:
+        if self._done:
+            return _EMPTY
+        if self._thread is None:
+            view = self._views[0]
+            n = self._call(view)
+        else:
+            if self._held is not None:
+                self._free.put(self._held)
+                self._held = None
+            item = self._full.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            view, n = item
+            self._held = view
+        if not n:
+            self._done = True
+            return _EMPTY
+        return view[:n]
+
+    def close(self) -> None:
+        self._done = True
+        if self._thread is not None:
+            self._stop = True
+            self._free.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+_EMPTY = memoryview(b"")
+
 
 class GzipStream(io.RawIOBase):
-    """A read-only binary stream of the decompressed bytes; errors become CorruptArchiveError."""
+    """A read-only binary stream of the decompressed bytes; errors become CorruptArchiveError.
 
-    def __init__(self, inner: BinaryIO, name: str, backend: str) -> None:
+    Besides ``read``/``readinto``, ``read_chunk()`` hands out the decoder's
+    own output buffer (a view valid until the next call; empty at the end):
+    what :class:`bimcv_fetch.tarstream.TarStream` reads, with no copy.
+    """
+
+    def __init__(self, inflater: _Inflater, closer: Callable[[], object], backend: str) -> None:
         super().__init__()
-        self._inner = inner
-        self.name_for_errors = name
+        self._inflater = inflater
+        self._closer = closer
+        self._rest: memoryview = _EMPTY
         self.backend = backend
 
     def readable(self) -> bool:
         return True
 
-    def read(self, size: int = -1) -> bytes:
-        try:
-            return self._inner.read(size)
-        except _DECODE_ERRORS as exc:
-            raise _corrupt(self.name_for_errors, exc) from exc
+    def read_chunk(self) -> memoryview:
+        if self._rest:
+            rest, self._rest = self._rest, _EMPTY
+            return rest
+        return self._inflater.next()
 
     def readinto(self, buffer: Any) -> int:
-        try:
-            return cast(int, self._inner.readinto(buffer))  # type: ignore[attr-defined]
-        except _DECODE_ERRORS as exc:
-            raise _corrupt(self.name_for_errors, exc) from exc
+        out = memoryview(buffer).cast("B")
+        chunk = self.read_chunk()
+        n = min(len(out), len(chunk))
+        out[:n] = chunk[:n]
+        self._rest = chunk[n:] if n < len(chunk) else _EMPTY
+        return n
 
     def close(self) -> None:
         if not self.closed:
             try:
-                self._inner.close()
+                self._rest = _EMPTY
+                self._inflater.close()
+                self._closer()
             finally:
                 super().close()
 
@@ -107,20 +212,25 @@ class GzipStream(io.RawIOBase):
 def open_gzip_stream(fileobj: BinaryIO, *, name: str = "", backend: str | None = None) -> BinaryIO:
     """Decompress ``fileobj`` (a gzip file, possibly multi-member) as a readable stream.
 
-    ``backend`` is one of :data:`BACKENDS` (default: the fastest available).
+    ``backend`` is one of :data:`BACKENDS` (default: the fastest available):
+    ``isal-threaded`` inflates in a helper thread, straight into reusable
+    buffers (``read_chunk()``); ``isal`` and ``zlib`` in the reading thread.
     Closing the returned stream does not close ``fileobj``.
     """
     backend = backend or default_backend()
     inner: Any
-    if backend == "isal-threaded" and _igzip_threaded is not None:
-        inner = _igzip_threaded.open(fileobj, "rb", threads=1, block_size=OUT_CHUNK)
-    elif backend == "isal" and _igzip is not None:
-        inner = _igzip.IGzipFile(fileobj=fileobj, mode="rb")
+    if backend in ("isal-threaded", "isal") and _igzip is not None:
+        reader = getattr(_igzip, "_IGzipReader", None)
+        if reader is not None:  # isal's C reader: inflates into the caller's buffer
+            inner = reader(fileobj, buffersize=_IN_BUFFER)
+        else:  # pragma: no cover - other python-isal versions
+            inner = _igzip.IGzipFile(fileobj=fileobj, mode="rb")
     elif backend == "zlib":
         inner = gzip.GzipFile(fileobj=fileobj, mode="rb")
     else:
         raise ValueError(f"unknown or unavailable gzip backend {backend!r}")
-    return cast(BinaryIO, GzipStream(cast(BinaryIO, inner), name, backend))
+    inflater = _Inflater(inner.readinto, name=name, threaded=backend == "isal-threaded")
+    return cast(BinaryIO, GzipStream(inflater, inner.close, backend))
 
 
 # ------------------------------------------------------------------ push
@@ -136,7 +246,7 @@ class _Decompress(Protocol):
     @property
     def unconsumed_tail(self) -> bytes: ...
 
-    def decompress(self, data: bytes, max_length: int = ...) -> bytes: ...
+    def decompress(self, data: bytes | memoryview, max_length: int = ...) -> bytes: ...
 
 
 def _factory(backend: str) -> Callable[[], _Decompress]:
@@ -185,9 +295,10 @@ class GzipDecoder:
 
     def decompress(self, data: bytes | memoryview) -> Iterator[bytes]:
         self.total_in += len(data)
-        buf = bytes(data)
+        buf: bytes | memoryview = data  # inflated in place: no copy of the input
         while buf:
             if self._d is None:
+                buf = bytes(buf)  # between members only
                 if self._padding:
                     if buf.count(0) != len(buf):
                         raise self._fail(OSError("garbage after the last gzip member"))
