@@ -1,9 +1,11 @@
 """Extraction fed by the bytes of a transfer as they land (``download --extract``).
 
-:class:`StreamingExtractor` runs the extraction of :mod:`bimcv_fetch.extract`
-in a background thread, fed through a bounded queue by the transfer; files it
-writes are marked unverified in the receipt until ``commit(sha1)`` (after the
-archive's SHA1 check) or removed by ``discard()``.
+:class:`StreamingExtractor` inflates the bytes in the transfer's thread that
+feeds it (the hashing thread of :mod:`bimcv_fetch.transfer`) and runs the
+extraction of :mod:`bimcv_fetch.extract` (tar parsing, hashing and writing the
+members) in a background thread, fed the decompressed pieces through a bounded
+queue; files it writes are marked unverified in the receipt until
+``commit(sha1)`` (after the archive's SHA1 check) or removed by ``discard()``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import stat
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from bimcv_fetch import gz
@@ -25,24 +27,31 @@ from bimcv_fetch.mids import Selector
 from bimcv_fetch.receipts import Receipt
 from bimcv_fetch.store import Layout, disk_error
 
-__all__ = ["StreamingExtractor"]
+__all__ = ["QUEUE_BYTES", "StreamingExtractor"]
+
+# Decompressed bytes queued for the parser: enough to ride out a slow file creation;
+# more only costs memory (2 archives at a time: 2 queues).
+QUEUE_BYTES = 4 << 20
 
 
 class _Stopped(BaseException):
     """Raised inside a streaming parser thread to unwind it (reset/abort/discard)."""
 
 
+_Item = bytes | BaseException | None  # a piece, an error to raise there, or the end
+
+
 class _ByteQueue:
-    """A bounded FIFO of byte chunks between the transfer thread and the parser thread."""
+    """A bounded FIFO of decompressed pieces between the feeding thread and the parser thread."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._items: deque[bytes | None] = deque()
+        self._items: deque[_Item] = deque()
         self._bytes = 0
         self._cond = threading.Condition()
         self.closed = False  # the consumer is gone: puts are dropped
 
-    def put(self, item: bytes | None, *, alive: Callable[[], bool]) -> None:
+    def put(self, item: _Item, *, alive: Callable[[], bool]) -> None:
         with self._cond:
             while self._items and self._bytes >= self.limit and not self.closed:
                 self._cond.wait(0.1)
@@ -51,15 +60,17 @@ class _ByteQueue:
             if self.closed:
                 return
             self._items.append(item)
-            self._bytes += len(item) if item else 0
+            if isinstance(item, bytes):
+                self._bytes += len(item)
             self._cond.notify_all()
 
-    def get(self) -> bytes | None:
+    def get(self) -> _Item:
         with self._cond:
             while not self._items:
                 self._cond.wait()
             item = self._items.popleft()
-            self._bytes -= len(item) if item else 0
+            if isinstance(item, bytes):
+                self._bytes -= len(item)
             self._cond.notify_all()
             return item
 
@@ -83,41 +94,20 @@ class _ByteQueue:
 _STOP = b"\x00stop"  # identity-compared marker
 
 
-class _QueueReader:
-    """The parser thread's file object: compressed chunks in, decompressed bytes out."""
+def _puller(q: _ByteQueue) -> Callable[[], bytes]:
+    """The parser thread's chunk source (see :class:`bimcv_fetch.tarstream.TarStream`)."""
 
-    def __init__(self, q: _ByteQueue, name: str, backend: str | None) -> None:
-        self._q = q
-        self._dec = gz.GzipDecoder(name=name, backend=backend)
-        self._pieces: Iterator[bytes] = iter(())
-        self._buf = b""
-        self._pos = 0
-        self._eof = False
-
-    def _next_piece(self) -> bool:
-        while True:
-            for piece in self._pieces:
-                self._buf, self._pos = piece, 0
-                return True
-            if self._eof:
-                return False
-            item = self._q.get()
-            if item is _STOP:
-                raise _Stopped()
-            if item is None:
-                self._dec.finish()
-                self._eof = True
-                return False
-            self._pieces = iter(self._dec.decompress(item))
-
-    def read(self, size: int = -1) -> bytes:
-        if self._pos >= len(self._buf) and not self._next_piece():
+    def pull() -> bytes:
+        item = q.get()
+        if item is None:
             return b""
-        if size < 0:
-            size = len(self._buf) - self._pos
-        out = self._buf[self._pos : self._pos + size]
-        self._pos += len(out)
-        return out
+        if item is _STOP:
+            raise _Stopped()
+        if isinstance(item, BaseException):
+            raise item  # the gzip error met by feed()/finish(), now that the parser needs bytes
+        return item
+
+    return pull
 
 
 class StreamingExtractor:
@@ -131,10 +121,13 @@ class StreamingExtractor:
     ``abort()`` stops for now, keeping finished files and the receipt (a later
     run skips them once it sees the same bytes again).
 
-    Parsing, decompression and writing run in one background thread fed
-    through a bounded queue (``queue_bytes``), so memory stays flat. Errors of
-    the archive itself (unsafe, corrupt) never escape ``feed()`` or
-    ``finish()``: later bytes are dropped and ``commit()`` raises the error.
+    ``feed()`` inflates in the caller's thread; parsing, hashing and writing
+    run in one background thread fed the decompressed pieces through a
+    bounded queue (``queue_bytes``), so memory stays flat. Errors of the
+    archive itself (unsafe, corrupt) never escape ``feed()`` or ``finish()``:
+    later bytes are dropped and ``commit()`` raises the error. A gzip error
+    is raised in the parser only when it needs the bytes past it (a parser
+    that already has every wanted member never sees it).
     """
 
     def __init__(
@@ -146,7 +139,7 @@ class StreamingExtractor:
         archive_sha1: str,
         selector: Selector,
         reporter: Reporter | None = None,
-        queue_bytes: int = 16 << 20,
+        queue_bytes: int = QUEUE_BYTES,
         backend: str | None = None,
         lock: bool = True,
     ) -> None:
@@ -170,6 +163,7 @@ class StreamingExtractor:
         )
         self._thread: threading.Thread | None = None
         self._queue: _ByteQueue | None = None
+        self._decoder: gz.GzipDecoder | None = None
         self._error: BaseException | None = None
         self._finished = False
         self._closed = False
@@ -196,13 +190,14 @@ class StreamingExtractor:
 
     def _start(self) -> None:
         self._queue = _ByteQueue(self.queue_bytes)
-        reader = _QueueReader(self._queue, self.name, self.backend)
+        self._decoder = gz.GzipDecoder(name=self.name, backend=self.backend)
         ex = self._ex
         q = self._queue
+        pull = _puller(q)
 
         def work() -> None:
             try:
-                ex.run(reader)  # type: ignore[arg-type]
+                ex.run(pull)
             except _Stopped:
                 pass
             except BaseException as exc:  # handed to commit()
@@ -228,6 +223,7 @@ class StreamingExtractor:
             self._thread.join()
         self._thread = None
         self._queue = None
+        self._decoder = None
 
     # -- Consumer protocol
 
@@ -256,18 +252,33 @@ class StreamingExtractor:
             if self._finished:
                 return
             self._start()
-        assert self._queue is not None
-        if self._queue.closed:
-            return  # the parser is done (early stop) or failed
-        self._queue.put(bytes(data), alive=self._alive)
+        q, dec = self._queue, self._decoder
+        assert q is not None
+        if q.closed or dec is None:
+            return  # the parser is done (early stop) or failed, or the gzip stream broke
+        try:
+            for piece in dec.decompress(data):
+                q.put(piece, alive=self._alive)
+                if q.closed:
+                    return
+        except CorruptArchiveError as exc:
+            self._decoder = None  # later bytes are dropped; the parser gets the error
+            q.put(exc, alive=self._alive)
 
     def finish(self) -> None:
         """All bytes were fed: wait for the parser to finish (errors wait for commit())."""
         if self._thread is not None:
-            assert self._queue is not None
-            self._queue.put(None, alive=self._alive)
+            q, dec = self._queue, self._decoder
+            assert q is not None
+            if dec is not None:
+                try:
+                    dec.finish()
+                except CorruptArchiveError as exc:
+                    q.put(exc, alive=self._alive)
+            q.put(None, alive=self._alive)
             self._thread.join()
             self._thread = None
+            self._decoder = None
         elif self._ex.wanted and not self._finished and self._error is None:
             self._error = CorruptArchiveError(f"{self.name}: no bytes were received")
         self._finished = True

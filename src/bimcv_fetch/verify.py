@@ -26,7 +26,6 @@ from bimcv_fetch import gz
 from bimcv_fetch.errors import CorruptArchiveError, ExitCode, Interrupted
 from bimcv_fetch.events import Event, Reporter, ThreadSafeReporter, null_reporter
 from bimcv_fetch.extract import (
-    TAR_BUFSIZE,
     TMP_SUFFIX,
     Receipt,
     hash_file,
@@ -45,6 +44,7 @@ from bimcv_fetch.store import (
     write_verified,
 )
 from bimcv_fetch.stream import CHUNK, sha1_file
+from bimcv_fetch.tarstream import TarStream
 
 # ------------------------------------------------------------------ archive SHA1
 
@@ -270,20 +270,14 @@ def deep_check(
     report(Event("start", arch, total=total, data={"stage": "deep-check", "verb": "check"}))
     last = 0
     try:
-        with (
-            fh,
-            gz.open_gzip_stream(fh, name=arch, backend=backend) as stream,
-            tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BUFSIZE) as tar,
-        ):
-            members = getattr(tar, "members", None)
+        with fh, gz.open_gzip_stream(fh, name=arch, backend=backend) as stream:
+            tar = TarStream(stream, name=arch)
             while True:
                 if cancel is not None and cancel.is_set():
                     raise Interrupted(f"{arch}: check interrupted")
                 ti = tar.next()
                 if ti is None:
                     break
-                if isinstance(members, list):
-                    members.clear()
                 pos = fh.tell()
                 if pos - last >= CHUNK:
                     report(Event("advance", arch, done=pos - last))
@@ -304,14 +298,11 @@ def deep_check(
                     add("size", ti.name, f"a {kind.value} in the archive, listed as {m.kind.value}")
                 elif kind is Kind.FILE and m.size != ti.size:
                     add("size", ti.name, f"{ti.size} bytes in the archive, {m.size} listed")
-            # tarfile stops at the end-of-archive blocks; drain the rest so the
-            # gzip trailer (CRC32, length) of every member is checked too.
-            while stream.read(CHUNK):
-                pass
+            # The tar ends at its end-of-archive block; drain the rest so the gzip
+            # trailer (CRC32, length) of every member is checked too.
+            tar.drain()
     except CorruptArchiveError as exc:
         add("corrupt", "", str(exc))
-    except tarfile.TarError as exc:
-        add("corrupt", "", f"broken tar stream ({exc})")
     except OSError as exc:
         raise disk_error(archive_path, exc) from exc
     report(Event("advance", arch, done=max(0, total - last)))
