@@ -432,10 +432,34 @@ def test_gzip_content_encoding_is_not_decoded(
 
 
 def test_wrong_size_is_refused(server: ShareServer, layout: Layout, sha1: str) -> None:
-    with pytest.raises(ChecksumError, match="size"):
+    with pytest.raises(NetworkError, match="not the 3158074 published"):
         fetch(server, layout, sha1=sha1, size=SIZE + 1)
     assert not layout.archive(NAME).exists()
-    assert not layout.part(NAME).exists()
+
+
+def test_a_lying_answer_never_wipes_a_resumable_part(
+    server: ShareServer, layout: Layout, data: bytes, sha1: str
+) -> None:
+    """A 206 or a 200 whose size is not the published one leaves the .part alone."""
+    server.faults.add(NAME, Fault.drop(after=1_500_000))
+    with pytest.raises(NetworkError):
+        fetch(
+            server,
+            layout,
+            sha1=sha1,
+            options=TransferOptions(**{**FAST.__dict__, "max_attempts": 1}),
+        )
+    part = layout.part(NAME).read_bytes()
+    assert len(part) >= 1_000_000 and data.startswith(part)
+    opts = TransferOptions(**{**FAST.__dict__, "max_attempts": 2})
+    # A proxy's error page sent as "200 OK", twice: retried, and the .part is untouched.
+    server.faults.add(NAME, "error_page", times=2)
+    with pytest.raises(NetworkError, match="web page"):
+        fetch(server, layout, sha1=sha1, options=opts)
+    assert layout.part(NAME).read_bytes() == part
+    # A good answer again: it resumes from the kept bytes and finishes.
+    fetch(server, layout, sha1=sha1)
+    assert_done(layout, data)
 
 
 def test_failures_exhaust_the_budget(server: ShareServer, layout: Layout, sha1: str) -> None:

@@ -562,25 +562,30 @@ class _Transfer:
                 raise _Retry(f"the server sent {got!r} for bytes={self.offset}-; discarded")
             total = cr[2]
             if self.size is not None and total is not None and total != self.size:
-                self.restart(f"the file on the server is now {total} bytes, not {self.size}")
-                raise _Retry("the file on the server changed size; starting again from zero")
+                # A proxy's lie or a changed file: either way keep the .part (the
+                # published size is the authority) and ask again.
+                raise _Retry(f"the server says the file is {total} bytes, not {self.size}")
             if self.offset > 0 and resp_etag and self.etag and resp_etag != self.etag:
                 self.restart("the file on the server changed (new ETag)")
                 raise _Retry("the file on the server changed; starting again from zero")
             if self.size is None and total is not None:
                 self.size = total
         else:  # 200: the whole file, from byte 0
-            if self.offset > 0:
-                why = "changed (new ETag)" if use_range and resp_etag != self.etag else "ignored"
-                self.restart(f"the server {why} the range request and sent the whole file")
             length = parse_content_length(h.get("Content-Length"))
+            ctype = (h.get("Content-Type") or "").split(";")[0].strip().lower()
+            # Nothing on disk is touched before the answer looks like the file: an
+            # error page sent as "200 OK" by a proxy must not wipe a resumable .part.
+            if ctype in ("text/html", "application/xhtml+xml"):
+                raise _Retry(f"the server sent a web page ({ctype}) instead of the file")
             if self.size is not None and length is not None and length != self.size:
                 if self.size_known:
-                    self.discard_files()
-                    raise ChecksumError(self.name, str(self.size), str(length), what="size")
+                    raise _Retry(f"the server sent {length} bytes, not the {self.size} published")
                 self.size = length
             if self.size is None:
                 self.size = length
+            if self.offset > 0:
+                why = "changed (new ETag)" if use_range and resp_etag != self.etag else "ignored"
+                self.restart(f"the server {why} the range request and sent the whole file")
         if self.offset == 0:  # the state is on disk before the first byte
             self.save_state(resp_etag or self.caller_etag)
         return self.stream(resp)

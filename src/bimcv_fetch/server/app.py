@@ -307,6 +307,8 @@ class ShareApp:
             log.debug("fault %s on %s", fault.kind, entry.name)
         if fault is not None and fault.kind == "status":
             return delivery.status_fault(start, fault)
+        if fault is not None and fault.kind == "error_page":
+            return delivery.error_page_fault(start)
         if fault is not None and fault.kind == "change_etag":
             etag = self.change_etag(entry)
         else:

@@ -110,3 +110,15 @@ def status_fault(start: StartResponse, fault: Fault) -> list[bytes]:
             extra.append(("Retry-After", fault.retry_after))
     reason = "TooManyRequests" if fault.code == 429 else "ServiceUnavailable"
     return error(start, fault.code, reason, f"injected fault: HTTP {fault.code}", extra)
+
+
+ERROR_PAGE = b"<html><body><h1>Service temporarily unavailable</h1></body></html>\n"
+
+
+def error_page_fault(start: StartResponse) -> list[bytes]:
+    """An ``error_page`` fault: a proxy's page sent as ``200 OK`` instead of the file."""
+    start(
+        "200 OK",
+        [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(ERROR_PAGE)))],
+    )
+    return [ERROR_PAGE]

@@ -23,6 +23,7 @@ Kinds and their parameters:
 ``flip_byte``       XOR the byte at absolute file offset ``offset`` with ``xor``
 ``change_etag``     give the file a new ETag from now on (persistent)
 ``gzip_header``     add ``Content-Encoding: gzip`` without changing the bytes
+``error_page``      a proxy's HTML page sent as ``200 OK`` instead of the file
 ==================  ==============================================================
 
 Plans can be loaded from JSON or TOML (:meth:`FaultPlan.from_file`)::
@@ -72,6 +73,7 @@ FaultKind = Literal[
     "flip_byte",
     "change_etag",
     "gzip_header",
+    "error_page",
 ]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
