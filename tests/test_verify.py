@@ -167,6 +167,23 @@ def test_audit_tree_clean(extracted: tuple[Layout, dict[str, Listing]]) -> None:
     assert audit_tree(layout, listings, ALL, hash=True) == []
 
 
+def test_audit_tree_flags_files_from_unverified_bytes(
+    extracted: tuple[Layout, dict[str, Listing]],
+) -> None:
+    """download --extract stopped before the SHA1 check: those files prove nothing."""
+    import json
+
+    layout, listings = extracted
+    path = layout.receipt("a.tar.gz")
+    receipt = json.loads(path.read_text())
+    member = sorted(receipt["members"])[0]
+    receipt["members"][member]["unverified"] = True
+    path.write_text(json.dumps(receipt))
+    problems = audit_tree(layout, listings, ALL, hash=True)
+    assert [(p.kind, p.path) for p in problems] == [("unverified", member)]
+    assert problems_exit_code(problems) == ExitCode.CHECKSUM
+
+
 def test_audit_tree_finds_problems(extracted: tuple[Layout, dict[str, Listing]]) -> None:
     layout, listings = extracted
     tree = layout.tree

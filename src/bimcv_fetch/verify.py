@@ -175,7 +175,8 @@ def verify_archives(
 class Problem:
     """One thing wrong with an archive or the extracted tree.
 
-    ``kind``: missing, size, extra, hash, unsafe, corrupt. ``where``:
+    ``kind``: missing, size, extra, hash, unverified (extracted from bytes whose
+    archive SHA1 was never checked), unsafe, corrupt. ``where``:
     ``archive`` (found by :func:`deep_check`) or ``tree`` (:func:`audit_tree`).
     """
 
@@ -400,10 +401,22 @@ def audit_tree(
                     Problem("size", path, arch, f"{st.st_size} bytes on disk, {m.size} listed")
                 )
                 continue
-            if hash:
-                rec = receipt.members.get(path) if receipt is not None else None
-                if rec is not None:
-                    to_hash.append((arch, path, full, rec.hash))
+            rec = receipt.members.get(path) if receipt is not None else None
+            if rec is not None and rec.unverified:
+                # Written by download --extract from bytes whose archive SHA1 was never
+                # checked (the transfer stopped first): not proof of anything.
+                problems.append(
+                    Problem(
+                        "unverified",
+                        path,
+                        arch,
+                        "extracted from bytes whose archive SHA1 was never checked; "
+                        "rerun download --extract to finish",
+                    )
+                )
+                continue
+            if hash and rec is not None:
+                to_hash.append((arch, path, full, rec.hash))
     if hash and to_hash:
         problems.extend(_hash_all(to_hash, jobs, report))
     if extras:
