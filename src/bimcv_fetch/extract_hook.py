@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -108,7 +109,7 @@ class DownloadExtractHook:
         if self._streaming is not None:
             self._streaming.abort()
 
-    def extract_local(self) -> int:
+    def extract_local(self, cancel: threading.Event | None = None) -> int:
         receipt = extract_archive(
             self.layout.archive(self.name),
             self.listing,
@@ -118,6 +119,7 @@ class DownloadExtractHook:
             selector=self.selector,
             reporter=self.reporter,
             delete_archive=self.delete_archive,
+            cancel=cancel,
         )
         return receipt.written
 

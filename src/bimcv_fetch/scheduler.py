@@ -111,6 +111,10 @@ def _item(
     name = info.name
     covered = receipt_covers(layout, name, selector, info.sha1)
     if layout.archive(name).exists():
+        if info.sha1 is None:
+            # Nothing published to check it against (never so in the real releases):
+            # keep it as it is, never delete what cannot be proven wrong.
+            return PlanItem(info, "extract" if extract and not covered else "have")
         if not is_verified(layout, name, info.sha1):
             return PlanItem(info, "verify")  # hashed before anything else is decided
         if extract and not covered:
@@ -177,7 +181,7 @@ class ExtractHook(Protocol):
 
     def abort(self) -> None: ...
 
-    def extract_local(self) -> int: ...
+    def extract_local(self, cancel: threading.Event | None = None) -> int: ...
 
 
 def run_download(
@@ -278,23 +282,27 @@ def _one(
     if item.action == "verify":
         path = layout.archive(info.name)
         report(Event("start", info.name, total=path.stat().st_size, data={"verb": "verify"}))
-        actual = sha1_file(
-            str(path), progress=lambda n: report(Event("advance", info.name, done=n))
-        )
-        if info.sha1 is not None and actual == info.sha1:
+
+        def progress(n: int) -> None:
+            if cancel.is_set():
+                raise Interrupted(f"{info.name}: interrupted while verifying")
+            report(Event("advance", info.name, done=n))
+
+        actual = sha1_file(str(path), progress=progress)
+        if actual == info.sha1:
             write_verified(layout, info.name, actual)
             report(Event("finish", info.name, data={"status": "verified", "sha1": actual}))
-            return 0, hook.extract_local() if hook is not None else 0
+            return 0, hook.extract_local(cancel) if hook is not None else 0
         report(Event("finish", info.name, data={"status": "mismatch, fetching again"}))
         path.unlink()
     if item.action in ("fetch", "resume") and is_verified(layout, info.name, info.sha1):
         # Another run (or shard) finished it between our plan and our lock.
         report(Event("finish", info.name, data={"status": "already done by another run"}))
-        return 0, hook.extract_local() if hook is not None else 0
+        return 0, hook.extract_local(cancel) if hook is not None else 0
     if item.action == "extract":
         assert hook is not None
         report(Event("message", data={"text": f"extracting {info.name} (already downloaded)"}))
-        return 0, hook.extract_local()
+        return 0, hook.extract_local(cancel)
     consumers: list[Consumer] = [hook.consumer] if hook is not None else []
     try:
         result = fetch_file(
