@@ -251,3 +251,28 @@ def test_extract_of_archives_not_downloaded_is_exit_3(
     everything = bimcv("extract", "--dest", dest, "--json")
     assert everything.code == 3
     assert everything.summary()["not_downloaded"] == [sample_release.no_ct_archive]
+
+
+def test_archive_without_published_sha1_is_kept_not_refetched(
+    sample_release: SampleRelease, tmp_path: Path
+) -> None:
+    import shutil
+
+    root = tmp_path / "share"
+    shutil.copytree(sample_release.root, root)
+    orphan = sample_release.subject_archives[-1]
+    for name in sample_release.checksum_files:
+        path = root / name
+        lines = [ln for ln in path.read_text().splitlines(True) if orphan not in ln]
+        path.write_text("".join(lines))
+    dest = tmp_path / "d"
+    with ShareServer(root, token=sample_release.token) as server:
+        first = bimcv("download", *_opts(server, dest))
+        assert first.code == 0, first.err
+        assert "no published SHA1" in first.err
+        assert (dest / "archives" / orphan).read_bytes() == (root / orphan).read_bytes()
+        server.requests.clear()
+        again = bimcv("download", *_opts(server, dest))
+        assert again.code == 0, again.err
+        assert server.requests.for_file(orphan) == []
+    assert (dest / "archives" / orphan).exists()
