@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -209,6 +210,7 @@ class LockInfo:
     host: str
     since: float
     command: str = ""
+    token: str = ""
 
     def describe(self) -> str:
         return f"pid {self.pid} on host {self.host}"
@@ -220,41 +222,81 @@ def _read_lock(path: Path) -> LockInfo | None:
         return None
     try:
         return LockInfo(
-            int(raw["pid"]), str(raw["host"]), float(raw["since"]), raw.get("command", "")
+            int(raw["pid"]),
+            str(raw["host"]),
+            float(raw["since"]),
+            str(raw.get("command", "")),
+            str(raw.get("token", "")),
         )
     except (KeyError, TypeError, ValueError):
         return None
 
 
 class FileLock:
-    """An exclusive-create lock file holding pid and host; works on NFS and Lustre.
+    """An exclusive-create lock file holding pid, host and a token; works on NFS and Lustre.
 
-    A lock left by a dead process on this host is stale and taken over. A lock
-    from another host is honoured (we cannot see its processes) unless it is
-    older than ``stale_after`` seconds without being refreshed.
+    While held, a heartbeat thread touches the file every ``heartbeat`` seconds.
+    A lock is stale when its holder is a dead process on this host, or, from
+    another host (whose processes we cannot see), when its heartbeat stopped
+    ``stale_after`` seconds ago. A stale lock is taken over atomically: it is
+    renamed aside, and given back if what was moved is not what was judged stale.
     """
 
-    def __init__(self, path: Path, *, command: str = "", stale_after: float = 24 * 3600) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        command: str = "",
+        stale_after: float = 600.0,
+        heartbeat: float = 30.0,
+    ) -> None:
         self.path = path
         self.command = command
         self.stale_after = stale_after
+        self.heartbeat = heartbeat
         self.held = False
+        self.token = f"{os.getpid()}-{threading.get_ident()}-{time.time_ns()}"
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
-    def _is_stale(self, info: LockInfo | None) -> bool:
-        if info is None:
-            # Half-written lock (crash between create and write): stale after a grace period.
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except OSError:
-                return True
-            return age > 30
-        if info.host == socket.gethostname():
-            return info.pid != os.getpid() and not _pid_alive(info.pid)
+    def _age(self, path: Path) -> float | None:
         try:
-            age = time.time() - self.path.stat().st_mtime
+            return time.time() - path.stat().st_mtime
         except OSError:
+            return None
+
+    def _is_stale(self, info: LockInfo | None, age: float | None) -> bool:
+        if age is None:
+            return True  # gone already
+        if info is None:
+            return age > 30  # half-written (a crash between create and write)
+        if info.host == socket.gethostname() and info.pid == os.getpid():
+            return False  # this process holds it (another thread)
+        if info.host == socket.gethostname() and not _pid_alive(info.pid):
             return True
+        # Another host, or a live pid that may be a reused one: trust the heartbeat.
         return age > self.stale_after
+
+    def _take_over(self, judged: LockInfo | None) -> bool:
+        """Move a stale lock aside; False (and the lock given back) if it changed meanwhile."""
+        aside = self.path.with_name(f"{self.path.name}.stale.{self.token}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True  # someone removed it: just try to create ours
+        except OSError as exc:
+            raise disk_error(self.path, exc) from exc
+        moved = _read_lock(aside)
+        if moved != judged:
+            # A live holder's fresh lock was moved: give it back (unless yet another exists).
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+            with contextlib.suppress(OSError):
+                aside.unlink()
+            return False
+        with contextlib.suppress(OSError):
+            aside.unlink()
+        return True
 
     def acquire(self) -> None:
         mkdirs(self.path.parent)
@@ -264,17 +306,17 @@ class FileLock:
                 "host": socket.gethostname(),
                 "since": time.time(),
                 "command": self.command,
+                "token": self.token,
             }
         ).encode()
-        for _ in range(3):
+        for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 info = _read_lock(self.path)
-                if self._is_stale(info):
-                    with contextlib.suppress(OSError):
-                        self.path.unlink()
+                if self._is_stale(info, self._age(self.path)) and self._take_over(info):
                     continue
+                info = _read_lock(self.path) or info
                 who = info.describe() if info else "another process"
                 raise LockedError(
                     f"{self.path.name[:-5]} is locked by {who}",
@@ -288,14 +330,32 @@ class FileLock:
             finally:
                 os.close(fd)
             self.held = True
+            self._start_heartbeat()
             return
         raise LockedError(f"could not take the lock {self.path}")
+
+    def _mine(self) -> bool:
+        raw = read_json(self.path)
+        return isinstance(raw, dict) and raw.get("token") == self.token
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+
+        def beat() -> None:
+            while not self._stop.wait(self.heartbeat):
+                if not self._mine():
+                    return  # taken over: do not keep someone else's lock alive
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        self._beat = threading.Thread(target=beat, name="bimcv-lock-heartbeat", daemon=True)
+        self._beat.start()
 
     def release(self) -> None:
         if self.held:
             self.held = False
-            info = _read_lock(self.path)
-            if info is None or (info.pid == os.getpid() and info.host == socket.gethostname()):
+            self._stop.set()
+            if self._mine():
                 with contextlib.suppress(OSError):
                     self.path.unlink()
 
