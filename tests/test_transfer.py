@@ -622,7 +622,7 @@ def test_cancel_keeps_the_part(
         fetch(slow_server, layout, sha1=sha1, reporter=reporter, cancel=cancel, consumers=[rec])
     assert err.value.exit_code == 130
     have = layout.part(NAME).stat().st_size
-    assert have >= CHUNK and layout.part(NAME).read_bytes() == data[:have]
+    assert have > 0 and layout.part(NAME).read_bytes() == data[:have]
     assert layout.part_state(NAME).exists() and not layout.archive(NAME).exists()
     assert rec.aborted == 1
     result = fetch(server, layout, sha1=sha1)
@@ -861,3 +861,26 @@ def test_options_are_plain_data() -> None:
     opts = TransferOptions()
     assert opts.chunk == CHUNK and opts.stall_timeout == 60.0 and opts.max_attempts == 8
     assert os.fspath(Layout(Path("x")).part(NAME)).endswith(".part")
+
+
+def test_a_trickling_server_is_dropped_and_bytes_land_as_they_come(
+    tmp_path: Path, data: bytes, sha1: str, layout: Layout
+) -> None:
+    """Bytes now and then never trip a read timeout: the low-speed abort must."""
+    root = tmp_path / "share"
+    root.mkdir()
+    (root / NAME).write_bytes(data)
+    opts = TransferOptions(**{**FAST.__dict__, "stall_timeout": 1.0, "min_rate": 200_000.0})
+    cancel = threading.Event()
+    reasons: list[str] = []
+
+    def reporter(event: Any) -> None:
+        if event.kind == "retry":
+            reasons.append(str(event.data.get("reason", "")))
+            cancel.set()  # seen it: stop here rather than crawl to the end
+
+    with ShareServer(root, token=TOKEN, rate_limit=50_000) as slow, pytest.raises(Interrupted):
+        fetch(slow, layout, sha1=sha1, options=opts, reporter=reporter, cancel=cancel)
+    assert reasons and "too slow" in reasons[0]
+    have = layout.part(NAME).stat().st_size
+    assert 0 < have < len(data) and data.startswith(layout.part(NAME).read_bytes())

@@ -31,7 +31,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -81,6 +81,7 @@ class TransferOptions:
     backoff_max: float = 60.0
     max_retry_after: float = 300.0  # cap on a server's Retry-After
     chunk: int = CHUNK  # read, write and hash size
+    min_rate: float = 1024.0  # bytes/s over a stall_timeout window, or the request is dropped
     sync_every: int = 256 << 20  # fsync the .part every this many bytes (0: only at the end)
     hash_thread: bool = True  # hash (and feed consumers) in a helper thread beside the writer
 
@@ -604,21 +605,55 @@ class _Transfer:
             hint="this server does not serve single files on share links; use --protocol webdav",
         )
 
-    def stream(self, resp: requests.Response) -> bool:
+    def _pieces(self, resp: requests.Response, chunk: int, start: int) -> Iterator[bytes]:
+        """The body in pieces of about ``chunk`` bytes, as they arrive.
+
+        Reads whatever the socket has (``read1``) and hands it on once a chunk
+        has gathered or half a second has passed, so a slow server's bytes land
+        on disk as they come. A server that trickles (less than
+        ``min_rate`` bytes/s over ``stall_timeout`` seconds) is dropped like a
+        stalled one: the read timeout alone never fires while a byte arrives
+        now and then.
+        """
         raw = resp.raw
-        chunk = self.limiter.read_size(self.opts.chunk) if self.limiter else self.opts.chunk
-        start = self.offset
-        first = True
+        pending: list[bytes] = []
+        size = 0
+        flushed = window = time.monotonic()
+        window_bytes = 0
         while True:
             self.check_cancel()
             try:
-                data = raw.read(chunk, decode_content=False)
+                data = raw.read1(chunk - size, decode_content=False)
             except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
                 self.check_cancel()
+                if pending:
+                    yield b"".join(pending)  # keep what did arrive
                 got = self.offset - start
                 raise _Retry(_describe_read_error(exc, got, self.opts.stall_timeout)) from exc
+            now = time.monotonic()
+            if data:
+                pending.append(data)
+                size += len(data)
+                window_bytes += len(data)
+            if pending and (not data or size >= chunk or now - flushed >= 0.5):
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                pending, size, flushed = [], 0, now
             if not data:
-                break
+                return
+            if now - window >= self.opts.stall_timeout:
+                rate = window_bytes / (now - window)
+                if rate < self.opts.min_rate:
+                    raise _Retry(
+                        f"too slow: {rate:.0f} bytes/s for {now - window:.0f} s "
+                        f"after {self.offset - start} bytes"
+                    )
+                window, window_bytes = now, 0
+
+    def stream(self, resp: requests.Response) -> bool:
+        chunk = self.limiter.read_size(self.opts.chunk) if self.limiter else self.opts.chunk
+        start = self.offset
+        first = True
+        for data in self._pieces(resp, chunk, start):
             if first and self.offset == 0 and self.share.protocol == "https":
                 head = data[:4]
                 if looks_like_zip(resp.headers.get("Content-Type"), head):
