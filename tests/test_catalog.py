@@ -63,3 +63,15 @@ def test_subject_archive_pattern() -> None:
     p1 = load_catalog().get("posi-1")
     assert p1.is_subject_archive("bimcv_covid19_posi_subjects_34.tgz")
     assert p1.subject_archive_name(6) == "bimcv_covid19_posi_subjects_7.tgz"
+
+
+def test_iteration_sets_the_id_range_cannot_express_are_refused() -> None:
+    cat = load_catalog()
+    for it in ("2", "3", "2,3"):
+        with pytest.raises(ConfigError, match="cannot be selected"):
+            cat.select(iterations=it, release="posi-1-2-3")
+    only1 = cat.select(iterations="1", release="posi-1-2-3")
+    assert "iteration-1 subjects" in only1.describe()
+    with pytest.raises(ConfigError):
+        cat.select(iterations="2", release="neg-1-2")  # no ID range known
+    assert cat.select(iterations="2", release="posi-1-2").iteration2_only

@@ -66,8 +66,11 @@ def test_list_table_offline_and_iter2_note(
     share_server.stop()
     r = bimcv("list", "--dest", dest, "--offline", "--iter", "2")
     assert r.code == 0, r.err
-    assert sample_release.subject_archives[0] in r.out
+    # The first shard holds iteration-1 subjects only; the last, iteration-2 only.
+    assert sample_release.subject_archives[0] not in r.out
+    assert sample_release.subject_archives[-1] in r.out
     assert "iteration-2" in r.err
+    assert "iterations 2) skips" in r.out
 
 
 def test_list_over_https_needs_the_ca(

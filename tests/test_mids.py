@@ -90,3 +90,10 @@ def test_subjects_filter() -> None:
     assert not sel.wants(
         "covid19_posi/sub-S09999/ses-E1/mod-rx/sub-S09999_ses-E1_run-1_bp-chest_cr.png"
     )
+
+
+def test_iteration_1_of_a_three_iteration_release() -> None:
+    rel = load_catalog().get("posi-1-2-3")
+    only1 = Selector(release=rel, iterations=(1,))
+    assert only1.wants("covid19_posi/sub-S03044/sub-S03044_sessions.tsv")
+    assert not only1.wants("covid19_posi/sub-S09000/sub-S09000_sessions.tsv")

@@ -65,9 +65,12 @@ class Selection:
 
     def describe(self) -> str:
         text = f"{self.release.id} ({self.release.title})"
-        if self.iteration2_only and self.release.iter1_subjects:
+        if self.release.iter1_subjects and self.iterations != self.release.iterations:
             lo, hi = self.release.iter1_subjects
-            text += f", restricted to iteration-2 subjects (outside sub-{lo} … sub-{hi})"
+            if self.iteration2_only:
+                text += f", restricted to iteration-2 subjects (outside sub-{lo} … sub-{hi})"
+            else:
+                text += f", restricted to iteration-1 subjects (sub-{lo} … sub-{hi})"
         return text
 
 
@@ -127,6 +130,14 @@ class Catalog:
             missing = [i for i in wanted if i not in rel.iterations]
             if missing:
                 raise ConfigError(f"release {rel.id} does not hold iteration(s) {missing}")
+            later = tuple(i for i in rel.iterations if i != 1)
+            expressible = wanted in (rel.iterations, (1,)) or (wanted == later and len(later) == 1)
+            if not expressible or (wanted != rel.iterations and rel.iter1_subjects is None):
+                raise ConfigError(
+                    f"--iter {','.join(map(str, wanted))} cannot be selected in {rel.id}",
+                    hint="only the subject ID range tells iteration 1 from the rest; "
+                    "nothing marks the later iterations apart",
+                )
             return Selection(rel, wanted)
         if release is not None:
             rel = self.get(release)

@@ -170,10 +170,17 @@ class Selector:
         if f.subject is not None:
             if self.subjects is not None and f.subject not in self.subjects:
                 return False
-            if self.release is not None and self.iterations is not None:
-                it = subject_iteration(f.subject, self.release)
-                if it is not None and it not in self.iterations:
-                    return False
+            if self._iter_restricted:
+                assert self.release is not None and self.iterations is not None
+                if self.release.iter1_subjects is not None:
+                    # Inside the iteration-1 range, or after it (2 and later together:
+                    # the catalog refuses any set the range cannot tell apart).
+                    first = subject_iteration(f.subject, self.release) == 1
+                    wanted = (
+                        (1 in self.iterations) if first else any(i != 1 for i in self.iterations)
+                    )
+                    if not wanted:
+                        return False
         return True
 
     @property

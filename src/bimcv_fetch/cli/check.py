@@ -274,7 +274,9 @@ def extract_cmd(
         if needed_absent:
             s.note(
                 f"{len(needed_absent)} wanted archives are not downloaded yet "
-                f"(bimcv-fetch download{' --subset ' + subset if subset else ''})"
+                f"(bimcv-fetch download{' --subset ' + subset if subset else ''}): "
+                + ", ".join(needed_absent[:5])
+                + (f" and {len(needed_absent) - 5} more" if len(needed_absent) > 5 else "")
             )
     return code
 

@@ -83,6 +83,36 @@ class Settings:
             json_line(obj)
 
 
+def syntax(check: Callable[[str], object]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback: ``check(value)`` raising ConfigError makes it a usage error (exit 2)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None or value == ():
+            return value
+        try:
+            for v in value if isinstance(value, tuple) else (value,):
+                check(v)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from None
+        return value
+
+    return callback
+
+
+def _check_server(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{url!r} is not an http:// or https:// address")
+
+
+def _check_iter(text: str) -> None:
+    from bimcv_fetch.catalog import parse_iterations
+
+    parse_iterations(text)
+
+
 def common_options(func: F) -> F:
     """The options every command accepts, after the command name."""
     options = [
@@ -99,6 +129,7 @@ def common_options(func: F) -> F:
             envvar=ENV + "SERVER",
             default=DEFAULT_SERVER,
             show_default=True,
+            callback=syntax(_check_server),
             help="Nextcloud server holding the share.",
         ),
         click.option(
@@ -139,6 +170,7 @@ def common_options(func: F) -> F:
             "iterations",
             envvar=ENV + "ITER",
             default=None,
+            callback=syntax(_check_iter),
             help="Iterations, e.g. 1,2 (picks the release).",
         ),
         click.option(
@@ -178,6 +210,7 @@ subset_option = click.option(
     "--subset",
     default=None,
     envvar=ENV + "SUBSET",
+    callback=syntax(parse_subset),
     help="Modalities to keep: CT, CR, DX or a list such as CR,DX (default: all).",
 )
 

@@ -21,11 +21,14 @@ from bimcv_fetch.cli.common import (
     split_names,
     subjects_option,
     subset_option,
+    syntax,
     terminate_as_interrupt,
 )
 from bimcv_fetch.errors import BimcvError
 from bimcv_fetch.mids import Selector, subset_label
+from bimcv_fetch.plan import parse_shard
 from bimcv_fetch.progress import human_bytes, json_line, make_reporter
+from bimcv_fetch.ratelimit import parse_rate
 
 
 @cli.command("releases")
@@ -70,7 +73,7 @@ def list_cmd(s: Settings, subset: str | None, offline: bool) -> None:
     share = None if offline else s.share()
     index = load_index_for(s, share, offline=offline)
     rows = describe(index, s.layout, selector)
-    shown = [r for r in rows if r.wanted] if selector.subset is not None else rows
+    shown = rows if selector.is_everything else [r for r in rows if r.wanted]
     skipped = [r for r in rows if not r.wanted]
     for w in index.warnings:
         s.note(f"warning: {w}")
@@ -98,10 +101,11 @@ def list_cmd(s: Settings, subset: str | None, offline: bool) -> None:
         json_line(summary)
     else:
         line = f"{len(shown)} archives, {human_bytes(total_packed)} packed"
-        if selector.subset is not None or skipped:
+        if not selector.is_everything:
+            its = ",".join(map(str, s.selection.iterations))
             line += (
-                f"; subset {summary['subset']} skips {len(skipped)} of {len(rows)} archives,"
-                f" saving {human_bytes(saved)}"
+                f"; the selection (subset {summary['subset']}, iterations {its}) skips "
+                f"{len(skipped)} of {len(rows)} archives, saving {human_bytes(saved)}"
             )
         click.echo(line)
 
@@ -190,8 +194,18 @@ def status_cmd(s: Settings) -> int:
 @archives_option
 @subjects_option
 @jobs_option(3, "Archives transferred")
-@click.option("--shard", default=None, help="Take the K-th of N stable, size-balanced parts: K/N.")
-@click.option("--limit-rate", default=None, help="Cap the total rate, e.g. 50M (bytes/s).")
+@click.option(
+    "--shard",
+    default=None,
+    callback=syntax(parse_shard),
+    help="Take the K-th of N stable, size-balanced parts: K/N.",
+)
+@click.option(
+    "--limit-rate",
+    default=None,
+    callback=syntax(parse_rate),
+    help="Cap the total rate, e.g. 50M (bytes/s).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan; move no byte.")
 @click.option("--keep-going", is_flag=True, help="Finish the other archives when one fails.")
 @click.option(

@@ -76,7 +76,6 @@ def sample_cmd(
                 "release": release,
                 "files": len(built.files),
                 "bytes": total,
-                "token": built.token,
             }
         )
     else:
@@ -84,7 +83,7 @@ def sample_cmd(
             f"wrote {len(built.files)} files ({human_bytes(total)}) of a {release} "
             f"sample into {built.root}"
         )
-        click.echo(f"serve it with: bimcv-fetch serve {built.root} --token {built.token}")
+        click.echo(f"serve it with: bimcv-fetch serve {built.root} --release {release}")
     return 0
 
 
