@@ -60,9 +60,21 @@ def _say_error(text: str, argv: list[str], verbose: bool) -> None:
     click.echo(clean(text), err=True)
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (SLURM's scancel, kill) stops as cleanly as Ctrl-C, in every command."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding program)
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = _wants_traceback(args)
+    _terminate_as_interrupt()
     try:
         rc = cli.main(args=args, prog_name="bimcv-fetch", standalone_mode=False)
     except click.exceptions.Abort:

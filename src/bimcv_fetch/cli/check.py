@@ -19,7 +19,6 @@ from bimcv_fetch.cli.common import (
     split_names,
     subjects_option,
     subset_option,
-    terminate_as_interrupt,
 )
 from bimcv_fetch.errors import ConfigError, ExitCode
 from bimcv_fetch.mids import Selector, subset_label
@@ -58,61 +57,56 @@ def verify_cmd(
     codes: list[int] = []
     summary: dict[str, Any] = {"event": "summary"}
     try:
-        with terminate_as_interrupt():
-            checks = verify_archives(
-                layout, index.checksums, index.archives, jobs=jobs, reporter=reporter, force=force
-            )
-            close_reporter(reporter)
-            by_status: dict[str, int] = {}
-            for c in checks:
-                by_status[c.status] = by_status.get(c.status, 0) + 1
-                codes.append(c.exit_code)
-                if s.json:
-                    json_line(
-                        {
-                            "event": "archive",
-                            "archive": c.name,
-                            "status": c.status,
-                            "expected": c.expected,
-                            "actual": c.actual,
-                            "cached": c.cached,
-                            "detail": c.detail or None,
-                        }
-                    )
-                elif c.status == "mismatch":
-                    click.echo(
-                        f"MISMATCH {c.name}: expected {c.expected}, got {c.actual}", err=True
-                    )
-                elif c.status in ("error", "unknown"):
-                    click.echo(
-                        f"{c.status.upper()} {c.name}: {c.detail or 'no published SHA1'}", err=True
-                    )
-            summary["archives"] = by_status
-            ok_names = [c.name for c in checks if c.ok]
-            if deep:
-                problems = []
-                reporter = make_reporter(json_mode=s.json, quiet=s.quiet)
-                for name in ok_names:
-                    listing = index.listing(name)
-                    if listing is None:
-                        continue
-                    problems += deep_check(
-                        layout.archive(name), listing, name=name, reporter=reporter
-                    )
-                close_reporter(reporter)
-                _print_problems(s, problems)
-                codes.append(problems_exit_code(problems))
-                summary["deep_checked"] = len(ok_names)
-                summary["deep_problems"] = len(problems)
-            if tree:
-                selector = s.selector(subset) if subset else _receipts_only(s)
-                problems = audit_tree(
-                    layout, index.listings, selector, hash=hash_, only_extracted=True, jobs=jobs
+        checks = verify_archives(
+            layout, index.checksums, index.archives, jobs=jobs, reporter=reporter, force=force
+        )
+        close_reporter(reporter)
+        by_status: dict[str, int] = {}
+        for c in checks:
+            by_status[c.status] = by_status.get(c.status, 0) + 1
+            codes.append(c.exit_code)
+            if s.json:
+                json_line(
+                    {
+                        "event": "archive",
+                        "archive": c.name,
+                        "status": c.status,
+                        "expected": c.expected,
+                        "actual": c.actual,
+                        "cached": c.cached,
+                        "detail": c.detail or None,
+                    }
                 )
-                _print_problems(s, problems)
-                codes.append(problems_exit_code(problems))
-                summary["tree_problems"] = len(problems)
-                summary["tree_hashed"] = hash_
+            elif c.status == "mismatch":
+                click.echo(f"MISMATCH {c.name}: expected {c.expected}, got {c.actual}", err=True)
+            elif c.status in ("error", "unknown"):
+                click.echo(
+                    f"{c.status.upper()} {c.name}: {c.detail or 'no published SHA1'}", err=True
+                )
+        summary["archives"] = by_status
+        ok_names = [c.name for c in checks if c.ok]
+        if deep:
+            problems = []
+            reporter = make_reporter(json_mode=s.json, quiet=s.quiet)
+            for name in ok_names:
+                listing = index.listing(name)
+                if listing is None:
+                    continue
+                problems += deep_check(layout.archive(name), listing, name=name, reporter=reporter)
+            close_reporter(reporter)
+            _print_problems(s, problems)
+            codes.append(problems_exit_code(problems))
+            summary["deep_checked"] = len(ok_names)
+            summary["deep_problems"] = len(problems)
+        if tree:
+            selector = s.selector(subset) if subset else _receipts_only(s)
+            problems = audit_tree(
+                layout, index.listings, selector, hash=hash_, only_extracted=True, jobs=jobs
+            )
+            _print_problems(s, problems)
+            codes.append(problems_exit_code(problems))
+            summary["tree_problems"] = len(problems)
+            summary["tree_hashed"] = hash_
     finally:
         close_reporter(reporter)
     code = worst(codes)
@@ -198,38 +192,33 @@ def extract_cmd(
     codes: list[int] = []
     reporter = make_reporter(json_mode=s.json, quiet=s.quiet)
     try:
-        with terminate_as_interrupt():
-            checks = verify_archives(layout, index.checksums, present, jobs=jobs, reporter=reporter)
-            jobs_list = []
-            for c in checks:
-                if not c.ok:
-                    codes.append(c.exit_code or int(ExitCode.CHECKSUM))
-                    click.echo(
-                        f"bimcv-fetch: {c.name}: not extracted: SHA1 {c.status}"
-                        + (f" (expected {c.expected}, got {c.actual})" if c.actual else ""),
-                        err=True,
-                    )
-                    continue
-                listing = index.listing(c.name)
-                if listing is None:
-                    codes.append(int(ExitCode.CONFIG))
-                    click.echo(
-                        f"bimcv-fetch: {c.name}: no listing; cannot extract safely", err=True
-                    )
-                    continue
-                jobs_list.append(
-                    ExtractJob(
-                        c.name, layout.archive(c.name), listing, c.actual or c.expected or ""
-                    )
+        checks = verify_archives(layout, index.checksums, present, jobs=jobs, reporter=reporter)
+        jobs_list = []
+        for c in checks:
+            if not c.ok:
+                codes.append(c.exit_code or int(ExitCode.CHECKSUM))
+                click.echo(
+                    f"bimcv-fetch: {c.name}: not extracted: SHA1 {c.status}"
+                    + (f" (expected {c.expected}, got {c.actual})" if c.actual else ""),
+                    err=True,
                 )
-            results = extract_many(
-                jobs_list,
-                jobs,
-                layout,
-                selector=selector,
-                reporter=reporter,
-                delete_archives=delete_archives,
+                continue
+            listing = index.listing(c.name)
+            if listing is None:
+                codes.append(int(ExitCode.CONFIG))
+                click.echo(f"bimcv-fetch: {c.name}: no listing; cannot extract safely", err=True)
+                continue
+            jobs_list.append(
+                ExtractJob(c.name, layout.archive(c.name), listing, c.actual or c.expected or "")
             )
+        results = extract_many(
+            jobs_list,
+            jobs,
+            layout,
+            selector=selector,
+            reporter=reporter,
+            delete_archives=delete_archives,
+        )
     finally:
         close_reporter(reporter)
     written = 0

@@ -243,29 +243,6 @@ def close_reporter(reporter: Any) -> None:
         close()
 
 
-class terminate_as_interrupt:
-    """SIGTERM (SLURM's scancel, kill) stops as cleanly as Ctrl-C."""
-
-    def __enter__(self) -> None:
-        import signal
-
-        self._old = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum: int, frame: object) -> None:
-            raise KeyboardInterrupt
-
-        try:
-            signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread
-            self._old = None
-
-    def __exit__(self, *exc: object) -> None:
-        import signal
-
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 def out_option(func: F) -> F:
     """``--out DIR``: where the MIDS tree is (default: DEST)."""
     opt = click.option(

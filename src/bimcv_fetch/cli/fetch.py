@@ -22,7 +22,6 @@ from bimcv_fetch.cli.common import (
     subjects_option,
     subset_option,
     syntax,
-    terminate_as_interrupt,
 )
 from bimcv_fetch.errors import BimcvError
 from bimcv_fetch.mids import Selector, subset_label
@@ -283,10 +282,9 @@ def download_cmd(
     session = new_session(pool_size=max(10, jobs * 2))
     reporter = make_reporter(json_mode=s.json, quiet=s.quiet)
     try:
-        with terminate_as_interrupt():
-            results = run_download(
-                plan, share, session, s.layout, options, extractor=extractor, reporter=reporter
-            )
+        results = run_download(
+            plan, share, session, s.layout, options, extractor=extractor, reporter=reporter
+        )
     finally:
         close_reporter(reporter)
         session.close()
