@@ -212,9 +212,26 @@ def _http_date(text: str) -> float | None:
         return None
 
 
+_KNOWN_CAUSES = (
+    ("Connection refused", "connection refused"),
+    ("Name or service not known", "cannot resolve the host name"),
+    ("Failed to resolve", "cannot resolve the host name"),
+    ("Temporary failure in name resolution", "cannot resolve the host name"),
+    ("No route to host", "no route to host"),
+    ("Network is unreachable", "network unreachable"),
+    ("timed out", "timed out"),
+    ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed"),
+)
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]
+    """One readable phrase for a requests/urllib3 error (their texts nest three deep)."""
+    text = str(exc)
+    for needle, phrase in _KNOWN_CAUSES:
+        if needle in text:
+            return phrase
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:200]
 
 
 def looks_like_zip(content_type: str | None, head: bytes) -> bool:

@@ -47,13 +47,15 @@ def _secrets(argv: list[str]) -> list[str]:
     return sorted(out, key=len, reverse=True)
 
 
-def _say_error(text: str, argv: list[str], verbose: bool) -> None:
-    secrets = _secrets(argv)
+def _clean(text: str, argv: list[str]) -> str:
+    for secret in _secrets(argv):
+        text = text.replace(secret, "***")
+    return text
 
+
+def _say_error(text: str, argv: list[str], verbose: bool) -> None:
     def clean(t: str) -> str:
-        for secret in secrets:
-            t = t.replace(secret, "***")
-        return t
+        return _clean(t, argv)
 
     if verbose:
         click.echo(clean(traceback.format_exc()).rstrip(), err=True)
@@ -87,6 +89,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except BimcvError as exc:
         _say_error(f"bimcv-fetch: error: {exc}", args, verbose)
+        if "--json" in args:  # stdout still ends with a summary line
+            from bimcv_fetch.progress import json_line
+
+            json_line(
+                {
+                    "event": "summary",
+                    "exit_code": int(exc.exit_code),
+                    "error": _clean(str(exc), args),
+                }
+            )
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
         click.echo("bimcv-fetch: interrupted", err=True)
