@@ -40,10 +40,12 @@ except ImportError:  # pragma: no cover - exercised where isal is missing
 
 OUT_CHUNK = 1 << 20  # output buffers of the pull reader; the push decoder's pieces are smaller
 # The push decoder inflates at most this much input at once into pieces of at most this
-# much output: measured with 1 MiB pieces, isal's output buffer (grown by doubling, then
-# shrunk) page-faulted about once per 10 KiB written (200+ MB of faults per GB, 20%
-# more CPU); with 256 KiB pieces it never did, and was faster still than 64 KiB ones.
-PUSH_CHUNK = 256 << 10
+# much output. isal grows each output piece from 16 KiB by doubling: measured (two
+# archives inflated side by side, 1 GB), 1 MiB pieces page-faulted about once per 10 KiB
+# written and cost 20% more CPU; 256 KiB pieces no longer did, but their heaps still
+# grew by 20 MiB per thread; 64 KiB pieces kept them flat, at the same CPU time when
+# the caller copies them into larger buffers (as download --extract does).
+PUSH_CHUNK = 64 << 10
 BACKENDS = ("isal-threaded", "isal", "zlib")
 
 _GZIP_MAGIC = b"\x1f\x8b"
