@@ -66,6 +66,7 @@ from bimcv_fetch.safety import (
     SafeTree,
     check_member_name,
     is_root_name,
+    member_type_problem,
     normalize_name,
     raise_for_listing,
 )
@@ -165,20 +166,6 @@ class StaleFilesError(CorruptArchiveError):
     Their receipt entries are dropped; extracting again (from the verified
     archive) rewrites them.
     """
-
-
-def _unsafe_type(ti: tarfile.TarInfo) -> str:
-    if ti.issym():
-        return f"symbolic link to {ti.linkname!r}"
-    if ti.islnk():
-        return f"hard link to {ti.linkname!r}"
-    if ti.ischr() or ti.isblk():
-        return "device node"
-    if ti.isfifo():
-        return "FIFO"
-    if ti.issparse():
-        return "sparse file"
-    return f"unsupported member type {ti.type!r}"
 
 
 class Extraction:
@@ -325,9 +312,7 @@ class Extraction:
         name = ti.name
         if ti.isdir() and is_root_name(name):
             return
-        reason = check_member_name(name)
-        if reason is None and (ti.issparse() or not (ti.type in _FILE_TYPES or ti.isdir())):
-            reason = _unsafe_type(ti)
+        reason = check_member_name(name) or member_type_problem(ti)
         if reason is not None:
             raise UnsafeArchiveError(
                 f"{self.name}: unsafe member {name!r}: {reason}",

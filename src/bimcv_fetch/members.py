@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bimcv_fetch.manifest import Kind, Listing, Member
 from bimcv_fetch.mids import Selector
+from bimcv_fetch.stream import file_chunks
 
 # Per-member content hash in receipts: CRC32 (isal: ~35 GB/s, zlib: ~7 GB/s) is free
 # next to inflating; SHA1 (~2 GB/s here) added 18% CPU to a single-thread extraction.
@@ -38,12 +39,7 @@ def plan_members(listing: Listing, selector: Selector) -> list[Member]:
     for m in listing.members:
         if m.kind is Kind.FILE and selector.wants(m.path):
             wanted_files.add(m.path)
-            head = m.path
-            while "/" in head:
-                head = head.rpartition("/")[0]
-                if head in needed_dirs:
-                    break
-                needed_dirs.add(head)
+            add_parents(m.path, needed_dirs)
     out: list[Member] = []
     seen: set[str] = set()
     for m in listing.members:
@@ -94,12 +90,16 @@ class MemberHash:
 def hash_file(path: Path, algo: str | None = None, *, chunk: int = HASH_CHUNK) -> str:
     """``"<algo>:<hex>"`` of a file's content, as receipts record it."""
     h = MemberHash(algo)
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
+    for piece in file_chunks(path, chunk):
+        h.update(piece)
     return h.text()
+
+
+def add_parents(path: str, dirs: set[str]) -> None:
+    """Add every folder above ``path`` (``a/b/c`` → ``a/b``, ``a``) to ``dirs``."""
+    head = path
+    while "/" in head:
+        head = head.rpartition("/")[0]
+        if head in dirs:
+            return  # and so are all of its parents
+        dirs.add(head)

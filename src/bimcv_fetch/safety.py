@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import stat
+import tarfile
 from pathlib import Path
 
 from bimcv_fetch.errors import UnsafeArchiveError
@@ -193,3 +194,20 @@ class SafeTree:
 def make_parents(root: Path, relpath: str) -> Path:
     """Create the folders of ``relpath`` under ``root`` (see :class:`SafeTree`)."""
     return SafeTree(root).parent_for(relpath)
+
+
+def member_type_problem(ti: tarfile.TarInfo) -> str | None:
+    """Why a tar member's type cannot be extracted safely; None for files and folders."""
+    if ti.issparse():
+        return "sparse file"
+    if ti.isreg() or ti.isdir():
+        return None
+    if ti.issym():
+        return f"symbolic link to {ti.linkname!r}"
+    if ti.islnk():
+        return f"hard link to {ti.linkname!r}"
+    if ti.ischr() or ti.isblk():
+        return "device node"
+    if ti.isfifo():
+        return "FIFO"
+    return f"unsupported member type {ti.type!r}"

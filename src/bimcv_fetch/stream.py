@@ -10,6 +10,8 @@ consumer must release threads and files, keeping what it proved done).
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterator
 from typing import Protocol
 
 
@@ -51,17 +53,23 @@ class Sha1Consumer:
 CHUNK = 1 << 20  # 1 MiB: reads, writes and hashing all use large buffers
 
 
-def sha1_file(path: str, *, chunk: int = CHUNK, progress: object = None) -> str:
-    """SHA1 of a file read in large chunks (``progress``, if callable, gets byte counts)."""
-    h = hashlib.sha1()
+def file_chunks(path: str | os.PathLike[str], chunk: int = CHUNK) -> Iterator[memoryview]:
+    """A file's bytes in large reads, each a view of one reused buffer (use it at once)."""
     buf = bytearray(chunk)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
         while True:
             n = fh.readinto(buf)
             if not n:
-                break
-            h.update(view[:n])
-            if callable(progress):
-                progress(n)
+                return
+            yield view[:n]
+
+
+def sha1_file(path: str, *, chunk: int = CHUNK, progress: object = None) -> str:
+    """SHA1 of a file read in large chunks (``progress``, if callable, gets byte counts)."""
+    h = hashlib.sha1()
+    for piece in file_chunks(path, chunk):
+        h.update(piece)
+        if callable(progress):
+            progress(len(piece))
     return h.hexdigest()

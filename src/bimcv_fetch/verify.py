@@ -34,8 +34,15 @@ from bimcv_fetch.extract import (
     tree_id,
 )
 from bimcv_fetch.manifest import Checksums, Kind, Listing
+from bimcv_fetch.members import add_parents
 from bimcv_fetch.mids import Selector
-from bimcv_fetch.safety import check_listing, check_member_name, is_root_name, normalize_name
+from bimcv_fetch.safety import (
+    check_listing,
+    check_member_name,
+    is_root_name,
+    member_type_problem,
+    normalize_name,
+)
 from bimcv_fetch.store import (
     Layout,
     clear_verified,
@@ -201,22 +208,6 @@ def problems_exit_code(problems: Iterable[Problem]) -> int:
 # ------------------------------------------------------------------ deep check
 
 
-def _member_type_problem(ti: tarfile.TarInfo) -> str | None:
-    if ti.issparse():
-        return "sparse file"
-    if ti.isreg() or ti.isdir():
-        return None
-    if ti.issym():
-        return f"symbolic link to {ti.linkname!r}"
-    if ti.islnk():
-        return f"hard link to {ti.linkname!r}"
-    if ti.ischr() or ti.isblk():
-        return "device node"
-    if ti.isfifo():
-        return "FIFO"
-    return f"unsupported member type {ti.type!r}"
-
-
 def _kind_of(ti: tarfile.TarInfo) -> Kind:
     if ti.isreg():
         return Kind.FILE
@@ -285,7 +276,7 @@ def deep_check(
                     last = pos
                 if ti.isdir() and is_root_name(ti.name):
                     continue
-                reason = check_member_name(ti.name) or _member_type_problem(ti)
+                reason = check_member_name(ti.name) or member_type_problem(ti)
                 if reason:
                     add("unsafe", ti.name, reason)
                 path = normalize_name(ti.name)
@@ -464,12 +455,7 @@ def _extras(root: Path, listings: Mapping[str, Listing]) -> list[Problem]:
     for listing in listings.values():
         for m in listing.members:
             known.add(m.path)
-            head = m.path
-            while "/" in head:
-                head = head.rpartition("/")[0]
-                if head in known_dirs:
-                    break
-                known_dirs.add(head)
+            add_parents(m.path, known_dirs)
     out: list[Problem] = []
     for top in sorted(_top_folders(listings)):
         base = root / top
