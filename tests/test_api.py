@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 
 from bimcv_fetch.api import download as api_download
-from bimcv_fetch.manifest import parse_listing
-from bimcv_fetch.mids import Role, Selector, parse_path, parse_subset
 from bimcv_fetch.server import SampleRelease, ShareServer, TlsFiles
 
-TOP = "covid19_posi"
+from .helpers import expected_files, tree_files
 
 
 @pytest.fixture(autouse=True)
@@ -29,35 +27,6 @@ def _no_ca_bundle_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
     for var in ("BIMCV_FETCH_DEST", "BIMCV_FETCH_SERVER", "BIMCV_FETCH_TOKEN"):
         monkeypatch.delenv(var, raising=False)
-
-
-def expected_files(
-    sample: SampleRelease, subset: str | None, *, fetched_only: bool = False
-) -> dict[str, str]:
-    rel = sample.release
-    selector = Selector(subset=parse_subset(subset), release=rel, iterations=rel.iterations)
-    out: dict[str, str] = {}
-    for archive in sample.archives:
-        listing = parse_listing((sample.root / sample.listings[archive]).read_text())
-        images = [m.path for m in listing.files if parse_path(m.path).role is Role.IMAGE]
-        subject_archive = archive in sample.subject_archives
-        if fetched_only and subject_archive and not any(map(selector.wants, images)):
-            continue
-        content = {m.path: m.sha1 for m in sample.members[archive] if not m.is_dir}
-        for m in listing.files:
-            if selector.wants(m.path):
-                sha1 = content[m.path]
-                assert sha1 is not None
-                out[m.path] = sha1
-    return out
-
-
-def tree_files(root: Path) -> dict[str, str]:
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
-        for p in sorted((root / TOP).rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
 
 
 def test_download_subset_ct_with_extract(

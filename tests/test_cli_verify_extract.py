@@ -27,13 +27,12 @@ from typing import Any
 import pytest
 
 from bimcv_fetch.extract import RECEIPT_INTERVAL
-from bimcv_fetch.manifest import parse_listing
-from bimcv_fetch.mids import Role, Selector, parse_path, parse_subset
 from bimcv_fetch.server import SampleRelease, ShareServer, build_sample
 from bimcv_fetch.server.sample import MTIME
 
 from .archives import listing_line
 from .clirun import Run, bimcv, spawn
+from .helpers import expected_files, tree_files, wait_for_part
 
 TOP = "covid19_posi"
 TMP_SUFFIX = ".bimcv-tmp"
@@ -53,45 +52,6 @@ def _sha1(data: bytes) -> str:
 
 def _subset_args(subset: str | None) -> list[str]:
     return ["--subset", subset] if subset else []
-
-
-def expected_files(
-    sample: SampleRelease, subset: str | None, *, fetched_only: bool = False
-) -> dict[str, str]:
-    """Member path → SHA1 of every regular file the subset wants, from the listings.
-
-    ``fetched_only``: only from the archives ``download --subset`` fetches (a
-    subject archive without an image of the subset is not downloaded at all).
-    """
-    rel = sample.release
-    selector = Selector(subset=parse_subset(subset), release=rel, iterations=rel.iterations)
-    out: dict[str, str] = {}
-    for archive in sample.archives:
-        listing = parse_listing((sample.root / sample.listings[archive]).read_text())
-        images = [m.path for m in listing.files if parse_path(m.path).role is Role.IMAGE]
-        subject_archive = archive in sample.subject_archives
-        if fetched_only and subject_archive and not any(map(selector.wants, images)):
-            continue
-        content = {m.path: m.sha1 for m in sample.members[archive] if not m.is_dir}
-        for m in listing.files:
-            if selector.wants(m.path):
-                sha1 = content[m.path]
-                assert sha1 is not None
-                out[m.path] = sha1
-    return out
-
-
-def tree_files(root: Path) -> dict[str, str]:
-    """Relative path → SHA1 of every regular file under ``root/covid19_posi`` (no symlinks)."""
-    out: dict[str, str] = {}
-    base = root / TOP
-    if not base.exists():
-        return out
-    for p in sorted(base.rglob("*")):
-        assert not p.is_symlink(), p
-        if p.is_file():
-            out[p.relative_to(root).as_posix()] = _sha1(p.read_bytes())
-    return out
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -642,19 +602,6 @@ def big_sample(tmp_path_factory: pytest.TempPathFactory) -> SampleRelease:
     return build_sample(tmp_path_factory.mktemp("big") / "share", archives=2, seed=7, size_scale=40)
 
 
-def _wait_for_part(
-    dest: Path, min_bytes: int, proc: subprocess.Popen[str], limit: float = 30
-) -> Path:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        for p in (dest / "archives").glob("*.part"):
-            if p.stat().st_size >= min_bytes:
-                return p
-        assert proc.poll() is None, proc.communicate(timeout=10)
-        time.sleep(0.02)
-    raise AssertionError("no .part grew in time")
-
-
 def test_kill_9_during_download_extract_then_rerun(
     big_sample: SampleRelease, tmp_path: Path
 ) -> None:
@@ -663,7 +610,7 @@ def test_kill_9_during_download_extract_then_rerun(
     with serving(big_sample.root, big_sample.token, rate_limit=1_500_000) as server:
         proc = spawn("download", *_opts(server, dest), "--extract", "--jobs", "1", "-q")
         try:
-            part = _wait_for_part(dest, 400_000, proc)
+            part = wait_for_part(dest, 400_000, proc)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from bimcv_fetch.server import Fault, FaultPlan, SampleRelease, ShareServer, TlsFiles, build_sample
 
 from .clirun import bimcv, spawn
+from .helpers import wait_for_part
 
 
 def _opts(server: ShareServer, dest: Path, *extra: str) -> list[str]:
@@ -154,26 +154,13 @@ def big_sample(tmp_path_factory: pytest.TempPathFactory) -> SampleRelease:
     return build_sample(tmp_path_factory.mktemp("big") / "share", archives=2, seed=7, size_scale=40)
 
 
-def _wait_for_part(
-    dest: Path, min_bytes: int, proc: subprocess.Popen[str], limit: float = 30
-) -> Path:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        for p in (dest / "archives").glob("*.part"):
-            if p.stat().st_size >= min_bytes:
-                return p
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError("no .part grew in time")
-
-
 def test_kill_9_then_rerun_resumes_and_refetches_nothing_twice(
     big_sample: SampleRelease, tmp_path: Path
 ) -> None:
     dest = tmp_path / "d"
     with ShareServer(big_sample.root, token=big_sample.token, rate_limit=1_500_000) as server:
         proc = spawn("download", *_opts(server, dest), "--jobs", "1", "-q")
-        part = _wait_for_part(dest, 300_000, proc)
+        part = wait_for_part(dest, 300_000, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         sizes = {
@@ -194,7 +181,7 @@ def test_ctrl_c_keeps_part_and_exits_130(big_sample: SampleRelease, tmp_path: Pa
     dest = tmp_path / "d"
     with ShareServer(big_sample.root, token=big_sample.token, rate_limit=1_000_000) as server:
         proc = spawn("download", *_opts(server, dest), "--jobs", "2")
-        _wait_for_part(dest, 100_000, proc)
+        wait_for_part(dest, 100_000, proc)
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
@@ -210,7 +197,7 @@ def test_second_run_on_same_dest_exits_8(big_sample: SampleRelease, tmp_path: Pa
     with ShareServer(big_sample.root, token=big_sample.token, rate_limit=1_000_000) as server:
         first = spawn("download", *_opts(server, dest), "--jobs", "4", "-q")
         try:
-            _wait_for_part(dest, 50_000, first)
+            wait_for_part(dest, 50_000, first)
             second = bimcv("download", *_opts(server, dest), "--jobs", "4")
             assert second.code == 8, second.err
             assert f"pid {first.pid}" in second.err
