@@ -54,11 +54,17 @@ def tree_files(root: Path) -> dict[str, str]:
 
 
 def wait_for_part(
-    dest: Path, min_bytes: int, proc: subprocess.Popen[str], limit: float = 30
+    dest: Path,
+    min_bytes: int,
+    proc: subprocess.Popen[str],
+    limit: float = 30,
+    name: str | None = None,
 ) -> Path:
+    """Wait until a ``.part`` (of ``name``, or any) holds ``min_bytes``; the process must live."""
+    pattern = f"{name}.part" if name else "*.part"
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        for p in (dest / "archives").glob("*.part"):
+        for p in (dest / "archives").glob(pattern):
             if p.stat().st_size >= min_bytes:
                 return p
         assert proc.poll() is None, proc.communicate(timeout=10)

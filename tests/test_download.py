@@ -181,12 +181,15 @@ def test_ctrl_c_keeps_part_and_exits_130(big_sample: SampleRelease, tmp_path: Pa
     dest = tmp_path / "d"
     with ShareServer(big_sample.root, token=big_sample.token, rate_limit=1_000_000) as server:
         proc = spawn("download", *_opts(server, dest), "--jobs", "2")
-        wait_for_part(dest, 100_000, proc)
+        biggest = max(big_sample.subject_archives, key=lambda n: big_sample.sizes[n])
+        wait_for_part(dest, 100_000, proc, name=biggest)
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
         assert "rerun" in err
-        assert list((dest / "archives").glob("*.part"))
+        assert list((dest / "archives").glob("*.part")), sorted(
+            p.name for p in (dest / "archives").iterdir()
+        )
         r = bimcv("download", *_opts(server, dest))
         assert r.code == 0, r.err
     _assert_all_archives(big_sample, dest)

@@ -621,6 +621,9 @@ class _Transfer:
         flushed = window = time.monotonic()
         window_bytes = 0
         while True:
+            if self.cancel.is_set() and pending:
+                yield b"".join(pending)  # what arrived is kept: the rerun need not fetch it
+                pending, size = [], 0
             self.check_cancel()
             try:
                 data = raw.read1(chunk - size, decode_content=False)
