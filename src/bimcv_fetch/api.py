@@ -15,15 +15,8 @@ from typing import Any
 from bimcv_fetch.catalog import load_catalog
 from bimcv_fetch.events import Reporter
 from bimcv_fetch.index import load_index
-from bimcv_fetch.mids import Selector, parse_subjects, parse_subset
-from bimcv_fetch.scheduler import (
-    ArchiveResult,
-    DownloadOptions,
-    ExtractorFactory,
-    check_space,
-    make_plan,
-    run_download,
-)
+from bimcv_fetch.mids import selector_for
+from bimcv_fetch.scheduler import ArchiveResult, DownloadOptions, execute_plan, make_plan
 from bimcv_fetch.share import DEFAULT_SERVER, Protocol, Share, new_session
 from bimcv_fetch.store import Layout
 from bimcv_fetch.transfer import TransferOptions
@@ -61,12 +54,7 @@ def download(
         protocol=protocol,
         verify=ca_bundle or True,
     )
-    selector = Selector(
-        subset=parse_subset(subset),
-        subjects=parse_subjects(subjects or []),
-        release=selection.release,
-        iterations=selection.iterations,
-    )
+    selector = selector_for(selection, subset, subjects or ())
     reporter: Any = None
     if progress is True:
         from bimcv_fetch.progress import TqdmReporter
@@ -74,35 +62,24 @@ def download(
         reporter = TqdmReporter()
     elif callable(progress):
         reporter = progress
-    session = new_session(pool_size=max(10, jobs * 2))
     try:
-        index = load_index(selection, layout, share=share, session=session)
+        session = new_session()
+        try:
+            index = load_index(selection, layout, share=share, session=session)
+        finally:
+            session.close()
         plan = make_plan(
             index, layout, selector, shard=shard, names=archives or (), extract=extract
         )
-        check_space(plan, layout)
-        factory: ExtractorFactory | None = None
-        if extract:
-            from bimcv_fetch.extract import extract_hook_factory
-
-            factory = extract_hook_factory(layout, selection.release, selector)
-        return run_download(
-            plan,
-            share,
-            session,
-            layout,
-            DownloadOptions(
-                jobs=jobs,
-                keep_going=keep_going,
-                limit_rate=limit_rate,
-                transfer=TransferOptions(stall_timeout=stall_timeout),
-                command="api",
-            ),
-            extractor=factory,
-            reporter=reporter,
+        options = DownloadOptions(
+            jobs=jobs,
+            keep_going=keep_going,
+            limit_rate=limit_rate,
+            transfer=TransferOptions(stall_timeout=stall_timeout),
+            command="api",
         )
+        return execute_plan(plan, share, layout, selector, options, reporter=reporter)
     finally:
-        session.close()
         close = getattr(reporter, "close", None)
         if callable(close):
             close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # requests is imported where it is used: offline commands sta
 
 from bimcv_fetch.catalog import Release, Selection
 from bimcv_fetch.errors import ChecksumError, ConfigError, NetworkError
+from bimcv_fetch.httputil import backoff_delay, parse_retry_after
 from bimcv_fetch.manifest import (
     Checksums,
     Listing,
@@ -30,7 +32,7 @@ from bimcv_fetch.manifest import (
     parse_listing,
     parse_sha1sums,
 )
-from bimcv_fetch.share import RemoteFile, Share, check_status, list_share
+from bimcv_fetch.share import Protocol, RemoteFile, Share, check_status, list_share
 from bimcv_fetch.store import Layout, atomic_write_bytes, atomic_write_json, read_json
 
 SHARE_CACHE = "share.json"
@@ -75,17 +77,14 @@ def _get_small(share: Share, session: requests.Session, name: str, attempts: int
     """GET a small manifest file, with a short retry on 429/5xx and connection errors."""
     import requests
 
-    url = share.file_url(name, "dav" if share.protocol == "dav" else "webdav")
-    delay = 1.0
+    proto: Protocol = "dav" if share.protocol == "dav" else "webdav"
+    url = share.file_url(name, proto)
+    rng = random.Random()
     last = ""
-    for attempt in range(attempts):
+    for attempt in range(1, attempts + 1):
+        wait: float | None = None
         try:
-            r = session.get(
-                url,
-                auth=share.auth("dav" if share.protocol == "dav" else "webdav"),
-                verify=share.verify,
-                timeout=share.timeout,
-            )
+            r = session.get(url, auth=share.auth(proto), verify=share.verify, timeout=share.timeout)
         except requests.RequestException as exc:
             last = type(exc).__name__
         else:
@@ -95,12 +94,11 @@ def _get_small(share: Share, session: requests.Session, name: str, attempts: int
                 check_status(share, r, name)
                 raise NetworkError(f"{name}: unexpected answer {r.status_code}")
             last = f"HTTP {r.status_code}"
-            ra = r.headers.get("Retry-After", "")
-            if ra.isdigit():
-                delay = min(float(ra), 30.0)
-        if attempt + 1 < attempts:
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            wait = parse_retry_after(r.headers.get("Retry-After"), time.time())
+        if attempt < attempts:
+            time.sleep(
+                min(30.0, wait if wait is not None else backoff_delay(attempt, 1.0, 30.0, rng))
+            )
     raise NetworkError(f"{name}: could not fetch it ({last})")
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from bimcv_fetch.catalog import Release
+from bimcv_fetch.catalog import Release, Selection
 from bimcv_fetch.errors import ConfigError
 
 MODALITIES = ("CT", "CR", "DX")
@@ -213,3 +213,15 @@ def modality_counts(paths: Iterable[str]) -> dict[str, int]:
         if f.role is Role.IMAGE and f.modality:
             counts[f.modality] += 1
     return counts
+
+
+def selector_for(
+    selection: Selection, subset: str | None = None, subjects: Iterable[str] = ()
+) -> Selector:
+    """The members a user asked for: ``--subset``, ``--subjects`` and the iterations."""
+    return Selector(
+        subset=parse_subset(subset),
+        subjects=parse_subjects(subjects),
+        release=selection.release,
+        iterations=selection.iterations,
+    )

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from bimcv_fetch.errors import ConfigError
 from bimcv_fetch.index import ReleaseIndex
 from bimcv_fetch.manifest import Listing
-from bimcv_fetch.mids import MODALITIES, Role, Selector, parse_path
+from bimcv_fetch.mids import MODALITIES, MidsFile, Role, Selector, parse_path
 from bimcv_fetch.store import Layout, local_state
 
 
@@ -41,30 +41,33 @@ class ArchiveInfo:
         }
 
 
-def holds_wanted(listing: Listing | None, selector: Selector, metadata: bool) -> bool:
-    """Is this archive worth fetching for the selection?
+def _reason_to_fetch(f: MidsFile, selector: Selector) -> bool:
+    """A member that makes its subject archive worth fetching for the selection.
 
-    Metadata archives always are. A subject archive is when it holds an image
-    (or sidecar) of a wanted modality of a wanted subject; the tables it also
-    holds are not reason enough to fetch gigabytes of unwanted images.
+    An image (or sidecar) of a wanted modality of a wanted subject; the tables
+    a subject archive also holds are not reason enough to fetch gigabytes of
+    unwanted images.
     """
+    if f.subject is None or not selector.wants_file(f):
+        return False
+    return selector.subset is None or f.role is not Role.OTHER
+
+
+def holds_wanted(listing: Listing | None, selector: Selector, metadata: bool) -> bool:
+    """Is this archive worth fetching for the selection? Metadata archives always are."""
     if metadata or listing is None or selector.is_everything:
         return True
-    for m in listing.files:
-        f = parse_path(m.path)
-        if f.subject is None or not selector.wants_file(f):
-            continue
-        if selector.subset is not None and f.role is Role.OTHER:
-            continue
-        return True
-    return False
+    return any(_reason_to_fetch(parse_path(m.path), selector) for m in listing.files)
 
 
 def describe(index: ReleaseIndex, layout: Layout, selector: Selector) -> list[ArchiveInfo]:
+    """Per-archive facts for ``list`` and the plan, in one pass over each listing."""
+    everything = selector.is_everything
     out: list[ArchiveInfo] = []
     for name in index.archives:
         listing = index.listing(name)
         metadata = index.is_metadata(name)
+        wanted = metadata or listing is None or everything
         images = dict.fromkeys(MODALITIES, 0)
         members = unpacked = wanted_files = wanted_bytes = None
         if listing is not None:
@@ -78,19 +81,21 @@ def describe(index: ReleaseIndex, layout: Layout, selector: Selector) -> list[Ar
                 if selector.wants_file(f):
                     wanted_files += 1
                     wanted_bytes += m.size
+                    wanted = wanted or _reason_to_fetch(f, selector)
+        sha1 = index.sha1(name)
         out.append(
             ArchiveInfo(
                 name=name,
                 packed=index.size(name),
-                sha1=index.sha1(name),
+                sha1=sha1,
                 metadata=metadata,
                 members=members,
                 images=images,
                 unpacked=unpacked,
-                wanted=holds_wanted(listing, selector, metadata),
+                wanted=wanted,
                 wanted_files=wanted_files,
                 wanted_bytes=wanted_bytes,
-                state=local_state(layout, name, index.sha1(name)),
+                state=local_state(layout, name, sha1),
             )
         )
     return out

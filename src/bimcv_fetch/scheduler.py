@@ -331,5 +331,32 @@ def _one(
     return result.bytes_transferred, extracted
 
 
+def execute_plan(
+    plan: DownloadPlan,
+    share: Share,
+    layout: Layout,
+    selector: Selector,
+    options: DownloadOptions,
+    *,
+    reporter: Reporter | None = None,
+) -> list[ArchiveResult]:
+    """Check the space, then run the plan on a fresh connection pool (CLI and library alike)."""
+    from bimcv_fetch.share import new_session
+
+    check_space(plan, layout)
+    extractor: ExtractorFactory | None = None
+    if plan.extract:
+        from bimcv_fetch.extract_hook import extract_hook_factory
+
+        extractor = extract_hook_factory(layout, selector.release, selector)
+    session = new_session(pool_size=max(10, options.jobs * 2))
+    try:
+        return run_download(
+            plan, share, session, layout, options, extractor=extractor, reporter=reporter
+        )
+    finally:
+        session.close()
+
+
 def exit_code(results: list[ArchiveResult]) -> int:
     return worst([r.exit_code for r in results])

@@ -396,4 +396,5 @@ def free_space(path: Path) -> int:
     p = path
     while not p.exists() and p != p.parent:
         p = p.parent
-    return os.statvfs(p).f_bavail * os.statvfs(p).f_frsize
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize

@@ -12,7 +12,7 @@ import click
 
 from bimcv_fetch.catalog import Selection, load_catalog
 from bimcv_fetch.errors import ConfigError
-from bimcv_fetch.mids import Selector, parse_subjects, parse_subset
+from bimcv_fetch.mids import Selector, parse_subset, selector_for
 from bimcv_fetch.progress import json_line
 from bimcv_fetch.share import DEFAULT_SERVER, PROTOCOLS, Protocol, Share
 from bimcv_fetch.store import Layout
@@ -65,13 +65,7 @@ class Settings:
         )
 
     def selector(self, subset: str | None, subjects: tuple[str, ...] = ()) -> Selector:
-        sel = self.selection
-        return Selector(
-            subset=parse_subset(subset),
-            subjects=parse_subjects(subjects),
-            release=sel.release,
-            iterations=sel.iterations,
-        )
+        return selector_for(self.selection, subset, subjects)
 
     # human output: messages to stderr; results to stdout unless --json
     def note(self, text: str) -> None:

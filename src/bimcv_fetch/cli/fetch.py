@@ -237,14 +237,7 @@ def download_cmd(
 ) -> int:
     """Fetch a release's archives: resumable, parallel, SHA1-checked."""
     from bimcv_fetch.plan import parse_shard
-    from bimcv_fetch.scheduler import (
-        DownloadOptions,
-        check_space,
-        exit_code,
-        make_plan,
-        run_download,
-    )
-    from bimcv_fetch.share import new_session
+    from bimcv_fetch.scheduler import DownloadOptions, execute_plan, exit_code, make_plan
     from bimcv_fetch.transfer import TransferOptions, parse_rate
 
     s.out = out
@@ -270,7 +263,6 @@ def download_cmd(
             }
         )
         return 0
-    check_space(plan, s.layout)
     options = DownloadOptions(
         jobs=jobs,
         keep_going=keep_going,
@@ -278,16 +270,11 @@ def download_cmd(
         transfer=TransferOptions(stall_timeout=stall_timeout),
         command="download",
     )
-    extractor = _extractor_factory(s, selector) if do_extract else None
-    session = new_session(pool_size=max(10, jobs * 2))
     reporter = make_reporter(json_mode=s.json, quiet=s.quiet)
     try:
-        results = run_download(
-            plan, share, session, s.layout, options, extractor=extractor, reporter=reporter
-        )
+        results = execute_plan(plan, share, s.layout, selector, options, reporter=reporter)
     finally:
         close_reporter(reporter)
-        session.close()
     code = exit_code(results)
     for r in results:
         if r.status == "failed":
@@ -337,9 +324,3 @@ def _show_plan(s: Settings, plan: Any, selector: Selector, shard: str | None) ->
         f"{human_bytes(plan.to_fetch)} to fetch; {len(skipped)} archives left out ({what}, "
         f"{human_bytes(sum(a.packed or 0 for a in skipped))})"
     )
-
-
-def _extractor_factory(s: Settings, selector: Selector) -> Any:
-    from bimcv_fetch.extract import extract_hook_factory
-
-    return extract_hook_factory(s.layout, s.selection.release, selector)
