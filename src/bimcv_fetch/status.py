@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from bimcv_fetch.index import ReleaseIndex
 from bimcv_fetch.manifest import is_archive_name
-from bimcv_fetch.store import PART_SUFFIX, Layout, local_state, read_json
+from bimcv_fetch.mids import subset_label
+from bimcv_fetch.receipts import load_receipt
+from bimcv_fetch.store import PART_SUFFIX, Layout, local_state
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,11 @@ class StatusRow:
 
 
 def _receipt_subset(layout: Layout, name: str) -> str | None:
-    raw = read_json(layout.receipt(name))
-    if not isinstance(raw, dict):
+    r = load_receipt(layout, name)
+    if r is None:
         return None
-    subset = raw.get("subset")
-    label = subset if isinstance(subset, str) else None
-    return label if raw.get("complete") else f"{label or '?'} (incomplete)"
+    label = subset_label(r.subsets)
+    return label if r.complete else f"{label} (incomplete)"
 
 
 def archive_status(layout: Layout, index: ReleaseIndex | None) -> list[StatusRow]:
